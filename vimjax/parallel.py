@@ -1,0 +1,128 @@
+"""The one module that knows mesh axes: mesh from config, logical-axis rules, shardings.
+
+Model code names *logical* axes only (see `LOGICAL_AXES`); the rules in
+`config.mesh.rules` map them to the physical mesh axes `data`, `fsdp`, `tensor`.
+"""
+import math
+from typing import Any, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Closed vocabulary of logical axis names used by models and data.
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab",
+                "codebook", "layers", "channels")
+
+# Default logical -> mesh rules (t5x/MaxText style). Batch is split over every
+# data-like axis; weights are FSDP-split on `embed` and Megatron-split over
+# `tensor` on mlp/heads/vocab. Unlisted names are replicated.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("codebook", "fsdp"),
+    ("channels", "tensor"),
+    ("length", None),
+    ("kv", None),
+    ("layers", None),
+)
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+  """Resolves `mesh.{data,fsdp,tensor}` (one may be -1) against `num_devices`."""
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  bad = [f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes) if s == 0 or s < -1]
+  if bad or sizes.count(-1) > 1:
+    raise ValueError(f"Invalid mesh {dict(zip(MESH_AXES, sizes))}: each axis must be "
+                     "a positive int, and at most one may be -1 (fill remaining devices).")
+  known = math.prod(s for s in sizes if s != -1)
+  if num_devices % known:
+    raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} does not divide the {num_devices} "
+                     f"devices: the product of the fixed axes ({known}) must divide {num_devices}.")
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
+                     f"{num_devices} are available; set one axis to -1 to fill the rest.")
+  return tuple(sizes)
+
+
+def create_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
+  """Builds the (data, fsdp, tensor) mesh described by `config.mesh`."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  try:  # Topology-aware device order on TPU/GPU; plain reshape elsewhere.
+    device_array = mesh_utils.create_device_mesh(
+        shape, devices, allow_split_physical_axes=True)
+  except Exception:  # pylint: disable=broad-except
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def rules_from_config(mesh_config) -> tuple[tuple[str, Any], ...]:
+  """Returns the logical-axis rules, validated against the vocabulary."""
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                for name, axes in mesh_config.rules)
+  for name, axes in rules:
+    if name not in LOGICAL_AXES:
+      raise ValueError(f"mesh.rules names unknown logical axis {name!r}; valid: {LOGICAL_AXES}.")
+    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      if axis is not None and axis not in MESH_AXES:
+        raise ValueError(f"mesh.rules maps {name!r} to unknown mesh axis {axis!r}; "
+                         f"valid: {MESH_AXES} or None.")
+  return rules
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """Number of ways the batch is split (data x fsdp)."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dim split over data and fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes from dims they do not divide (e.g. an RGB dim of 3)."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    kept, size = [], 1
+    for name in names:
+      if dim % (size * mesh.shape[name]) == 0:
+        kept.append(name)
+        size *= mesh.shape[name]
+    fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*fitted)
+
+
+def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
+  """Maps a tree that may hold `nn.Partitioned` boxes to NamedShardings.
+
+  Leaves without logical names are replicated. Axes that do not divide a dim
+  are dropped for that array, so small or odd dims never fail to shard.
+  """
+  specs = nn.get_partition_spec(abstract_tree)
+  mesh_specs = nn.logical_to_mesh(specs, rules)
+  unboxed = nn.meta.unbox(abstract_tree)
+  return jax.tree.map(
+      lambda spec, x: NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)),
+      mesh_specs, unboxed, is_leaf=lambda s: isinstance(s, P))
+
+
+def describe_shardings(shardings: Any) -> str:
+  """One line per leaf `path: PartitionSpec`, for logs and tests."""
+  flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+  return "\n".join(f"{jax.tree_util.keystr(k)}: {s.spec}" for k, s in flat)
