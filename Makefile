@@ -1,0 +1,27 @@
+# The README's commands. Each creates .venv and installs vimjax on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo_out
+
+.PHONY: demo test install clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on the embedded shapes dataset (CPU, a few minutes).
+demo: $(STAMP)
+	$(PY) -m vimjax.demo --workdir=$(DEMO_DIR)
+
+# The whole test suite on 8 fake CPU devices (tests/conftest.py sets them).
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist=loadfile tests
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR)
