@@ -1,0 +1,318 @@
+"""Transformer building blocks shared by the tokenizer and the stage-2 models.
+
+Owns: LayerNorm (float32), MlpBlock, Attention (with an autoregressive
+key/value cache), TransformerBlock (pre-LN), TransformerStack (optionally
+scanned and rematerialised), and the causal / conv-shaped attention masks.
+
+Conventions:
+  * Every parameter carries logical axis names from `parallel.LOGICAL_AXES`.
+  * Activations are constrained to ("batch", "length", "embed") at block
+    boundaries (a no-op outside a mesh / logical-rules context).
+  * Masks are boolean and broadcastable to [b, heads, q_len, kv_len];
+    True means "may attend" (flax convention).
+  * The stack has no final LayerNorm: callers add `LayerNorm` after it, since
+    VIM, Parti and the tokenizer each name and place it differently.
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Remat policies selectable from the config (`remat_policy`). "none" disables
+# remat; "full" saves nothing and recomputes the block on the backward pass.
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+_dense_init = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros_init()
+_ones = nn.initializers.ones_init()
+
+
+def _part(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+def _constrain(x):
+  return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def make_causal_mask(length: int) -> jnp.ndarray:
+  """Lower-triangular mask: query i may attend to keys j <= i.
+
+  Args:
+    length: sequence length.
+  Returns:
+    [1, 1, length, length] bool.
+  """
+  idx = jnp.arange(length)
+  return (idx[None, :] <= idx[:, None])[None, None]
+
+
+def conv_shaped_causal_mask(height: int, width: int, kernel_h: int,
+                            kernel_w: int) -> jnp.ndarray:
+  """Local 2D causal mask over raster-order image tokens (DALL-E / Parti).
+
+  Token i sits at (r_i, c_i) = divmod(i, width). Key j is visible from
+  query i iff j <= i in raster order, r_i - kernel_h < r_j <= r_i (the current
+  row and the kernel_h - 1 rows above), and c_i - kernel_w // 2 <= c_j <=
+  c_i + (kernel_w - 1) // 2 (a kernel_w-wide window centred on the query
+  column). So rows above see both left and right neighbours, the current row
+  only the left ones: a causal "convolution" footprint.
+
+  Args:
+    height, width: token grid, length = height * width.
+    kernel_h, kernel_w: window size, each >= 1.
+  Returns:
+    [1, 1, height * width, height * width] bool.
+  """
+  for name, v in (("height", height), ("width", width), ("kernel_h", kernel_h),
+                  ("kernel_w", kernel_w)):
+    if v < 1:
+      raise ValueError(f"conv_shaped_causal_mask: {name}={v}; must be >= 1.")
+  idx = jnp.arange(height * width)
+  row, col = idx // width, idx % width
+  dr = row[:, None] - row[None, :]  # query row - key row, >= 0 above
+  dc = col[None, :] - col[:, None]  # key col - query col
+  mask = ((idx[None, :] <= idx[:, None]) & (dr < kernel_h)
+          & (dc >= -(kernel_w // 2)) & (dc <= (kernel_w - 1) // 2))
+  return mask[None, None]
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 (params float32), output cast to `dtype`."""
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x: [..., embed] -> [..., embed] in `dtype`."""
+    dim = x.shape[-1]
+    scale = self.param("scale", _part(_ones, ("embed",)), (dim,), self.param_dtype)
+    bias = self.param("bias", _part(_zeros, ("embed",)), (dim,), self.param_dtype)
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class MlpBlock(nn.Module):
+  """Transformer feed-forward: Dense(mlp_dim) -> gelu -> dropout -> Dense(embed)."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    """x: [b, l, embed] -> [b, l, embed]."""
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.mlp_dim, kernel_init=_part(_dense_init, ("embed", "mlp")),
+              bias_init=_part(_zeros, ("mlp",)), name="wi")(x)
+    h = nn.gelu(h)
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    return dense(x.shape[-1], kernel_init=_part(_dense_init, ("mlp", "embed")),
+                 bias_init=_part(_zeros, ("embed",)), name="wo")(h)
+
+
+class Attention(nn.Module):
+  """Multi-head dot-product attention with an optional decode-time KV cache.
+
+  Decode mode follows flax's MultiHeadDotProductAttention: `init(...,
+  decode=True)` on a full-length input creates a zero cache ("cache"
+  collection: cached_key, cached_value [b, max_len, heads, head_dim],
+  cache_index []); each later `apply(..., decode=True, mutable=["cache"])`
+  takes exactly one new position, writes it at cache_index and attends over
+  the filled positions only. A caller `mask` in decode steps must broadcast to
+  [b, heads, 1, max_len] (e.g. the current row of a conv-shaped mask).
+  """
+  num_heads: int
+  head_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, mask=None, *, deterministic: bool,
+               decode: bool = False):
+    """Attends from inputs_q to inputs_kv.
+
+    Args:
+      inputs_q: [b, q, embed].
+      inputs_kv: [b, k, embed_kv] (same as inputs_q for self-attention).
+      mask: optional bool, broadcastable to [b, heads, q, k]; True = attend.
+      deterministic: disables attention dropout.
+      decode: use / fill the autoregressive cache (self-attention only).
+    Returns:
+      [b, q, embed] in `dtype`.
+    """
+    proj = functools.partial(
+        nn.DenseGeneral, features=(self.num_heads, self.head_dim), axis=-1,
+        kernel_init=_part(_dense_init, ("embed", "heads", "kv")),
+        bias_init=_part(_zeros, ("heads", "kv")),
+        dtype=self.dtype, param_dtype=self.param_dtype)
+    query = proj(name="query")(inputs_q)
+    key = proj(name="key")(inputs_kv)
+    value = proj(name="value")(inputs_kv)
+
+    if decode:
+      initialized = self.has_variable("cache", "cached_key")
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape,
+                                   value.dtype)
+      cache_index = self.variable("cache", "cache_index",
+                                  lambda: jnp.array(0, dtype=jnp.int32))
+      if initialized:
+        batch, max_len, heads, depth = cached_key.value.shape
+        if query.shape != (batch, 1, heads, depth):
+          raise ValueError(f"Attention decode step expects one position, query shape "
+                           f"{(batch, 1, heads, depth)}; got {query.shape}.")
+        i = cache_index.value
+        zero = jnp.zeros((), jnp.int32)
+        key = jax.lax.dynamic_update_slice(cached_key.value, key, (zero, i, zero, zero))
+        value = jax.lax.dynamic_update_slice(cached_value.value, value,
+                                             (zero, i, zero, zero))
+        cached_key.value, cached_value.value = key, value
+        cache_index.value = i + 1
+        filled = (jnp.arange(max_len) <= i)[None, None, None, :]
+        mask = filled if mask is None else jnp.logical_and(mask, filled)
+
+    query = query * (self.head_dim ** -0.5)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    return nn.DenseGeneral(
+        features=inputs_q.shape[-1], axis=(-2, -1),
+        kernel_init=_part(_dense_init, ("heads", "kv", "embed")),
+        bias_init=_part(_zeros, ("embed",)),
+        dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN block: self-attention, optional cross-attention, MLP; residuals.
+
+  Arguments are positional-friendly so the block can be scanned / remat'ed:
+  `block(x, encoded, mask, encoder_mask, deterministic, decode)`.
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  causal: bool = False
+  cross_attention: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, encoded=None, mask=None, encoder_mask=None,
+               deterministic: bool = True, decode: bool = False):
+    """Args:
+      x: [b, l, embed].
+      encoded: [b, l_enc, embed_enc] for cross-attention (else unused).
+      mask: optional self-attention mask, broadcastable to [b, h, l, l]
+        (combined with the causal mask when `causal`).
+      encoder_mask: optional cross-attention mask, [b, h, l, l_enc]-broadcastable.
+      deterministic: disables dropout.
+      decode: autoregressive decoding with the self-attention cache.
+    Returns:
+      [b, l, embed] in `dtype`.
+    """
+    dim = x.shape[-1]
+    if dim % self.num_heads:
+      raise ValueError(f"TransformerBlock: embed dim {dim} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    attention = functools.partial(
+        Attention, num_heads=self.num_heads, head_dim=dim // self.num_heads,
+        dropout_rate=self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = functools.partial(LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype)
+    dropout = nn.Dropout(self.dropout_rate)
+
+    x = _constrain(x.astype(self.dtype))
+    if self.causal:
+      # In a decode step l == 1, so this is [[True]] and the cache mask rules.
+      causal = make_causal_mask(x.shape[1])
+      mask = causal if mask is None else jnp.logical_and(mask, causal)
+    h = norm(name="pre_attention_norm")(x)
+    h = attention(name="self_attention")(h, h, mask, deterministic=deterministic,
+                                         decode=decode)
+    x = x + dropout(h, deterministic=deterministic)
+    if self.cross_attention:
+      if encoded is None:
+        raise ValueError("TransformerBlock(cross_attention=True) needs `encoded`.")
+      h = norm(name="pre_cross_attention_norm")(x)
+      h = attention(name="cross_attention")(h, encoded.astype(self.dtype), encoder_mask,
+                                            deterministic=deterministic)
+      x = x + dropout(h, deterministic=deterministic)
+    h = norm(name="pre_mlp_norm")(x)
+    h = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="mlp")(h, deterministic=deterministic)
+    x = x + dropout(h, deterministic=deterministic)
+    return _constrain(x)
+
+
+def _scan_body(block, x, *args):
+  return block(x, *args), None
+
+
+class TransformerStack(nn.Module):
+  """`num_layers` TransformerBlocks, no final LayerNorm (callers add one).
+
+  Params: unscanned -> "layers_0" ... "layers_{n-1}"; scanned -> one "layers"
+  subtree with every leaf stacked on a leading axis named "layers". The decode
+  cache is stacked the same way when scanned.
+  """
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  causal: bool = False
+  cross_attention: bool = False
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, encoded=None, mask=None, encoder_mask=None, *,
+               deterministic: bool, decode: bool = False):
+    """x: [b, l, embed] -> [b, l, embed]; other args as in TransformerBlock."""
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"Unknown remat_policy {self.remat_policy!r}; valid: "
+                       f"{sorted(REMAT_POLICIES)}.")
+    block_cls = TransformerBlock
+    if self.remat_policy != "none":
+      # Args (self=0, x, encoded, mask, encoder_mask, deterministic, decode).
+      block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat_policy],
+                           prevent_cse=not self.scan_layers, static_argnums=(5, 6))
+    block = functools.partial(
+        block_cls, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+        dropout_rate=self.dropout_rate, causal=self.causal,
+        cross_attention=self.cross_attention, dtype=self.dtype,
+        param_dtype=self.param_dtype)
+    args = (encoded, mask, encoder_mask, deterministic, decode)
+    if self.scan_layers:
+      scan = nn.scan(
+          _scan_body,
+          variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast,) * len(args),
+          length=self.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scan(block(name="layers"), x, *args)
+    else:
+      for i in range(self.num_layers):
+        x = block(name=f"layers_{i}")(x, *args)
+    return x

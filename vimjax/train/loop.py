@@ -1,0 +1,242 @@
+"""The generic training loop: any task's pure step, sharded, checkpointed, logged.
+
+Restore order: the latest checkpoint in `workdir` (same or different mesh),
+else a fresh initialisation. A task (see `Task`) supplies pure functions; this
+module owns jit, shardings, data, checkpoints, metrics and MFU.
+"""
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+from absl import logging
+from clu import metric_writers
+from clu import metrics as clu_metrics
+import flax.linen as nn
+import jax
+import numpy as np
+
+from vimjax import checkpoint
+from vimjax import config_lib
+from vimjax import flops
+from vimjax import parallel
+from vimjax.data import pipeline
+from vimjax.evaluation import grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """The pure functions of one training task.
+
+  Attributes:
+    init: rng -> TrainState whose params carry `nn.Partitioned` logical names.
+    train_step: (state, batch, rng, frozen) -> (state, {name: scalar}).
+    eval_step: (state, batch, frozen) -> {name: per-example array}.
+    summarize_eval: list of host eval outputs -> ({name: float}, images or None),
+      images being a [n, H, W, 3] grid-ready array in [0, 1].
+    frozen: constant inputs of the steps (e.g. perceptual-net weights), or None.
+    compute_dtype: the model's compute dtype, for the measured peak FLOP/s.
+  """
+  init: Callable[..., Any]
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+  summarize_eval: Callable[..., Any]
+  frozen: Any = None
+  compute_dtype: str = "float32"
+
+
+class _Sigterm:
+  """Remembers a SIGTERM so the loop can checkpoint and exit between steps."""
+
+  def __init__(self):
+    self.received = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    self.received = True
+
+
+def state_shardings(task: Task, mesh, rules, rng):
+  """(abstract unboxed state, NamedShardings) from the params' logical names."""
+  abstract = jax.eval_shape(task.init, rng)
+  shardings = parallel.logical_to_shardings(abstract, mesh, rules)
+  return nn.meta.unbox(abstract), shardings
+
+
+def create_sharded_state(task: Task, mesh, rules, rng):
+  """Initialises the train state directly sharded (never gathered on one device)."""
+  _, shardings = state_shardings(task, mesh, rules, rng)
+  init = jax.jit(lambda r: nn.meta.unbox(task.init(r)), out_shardings=shardings)
+  return init(rng), shardings
+
+
+def jit_train_step(task: Task, state_shardings, mesh):
+  """The step jitted once with explicit shardings and the state donated."""
+  repl = parallel.replicated(mesh)
+  return jax.jit(
+      task.train_step,
+      in_shardings=(state_shardings, parallel.batch_sharding(mesh), repl, repl),
+      out_shardings=(state_shardings, repl),
+      donate_argnums=(0,))
+
+
+def jit_eval_step(task: Task, state_shardings, mesh):
+  repl = parallel.replicated(mesh)
+  return jax.jit(task.eval_step,
+                 in_shardings=(state_shardings, parallel.batch_sharding(mesh), repl))
+
+
+def _device_batch(host_batch: dict, mesh) -> tuple[dict, int]:
+  """Drops host-only fields, counts skipped examples, builds global arrays."""
+  batch = {k: v for k, v in host_batch.items()
+           if isinstance(v, np.ndarray) and v.dtype != object and k != "num_skipped"}
+  skipped = int(np.sum(host_batch.get("num_skipped", 0)))
+  return pipeline.to_global_batch(batch, mesh), skipped
+
+
+def evaluate(task: Task, eval_step, state, config, mesh) -> tuple[dict, Any]:
+  """Runs `eval_step` over `config.num_eval_images` eval images; returns (metrics, images)."""
+  iterator = pipeline.create_iterator(
+      config.data, split="eval", global_batch_size=config.global_batch_size,
+      seed=config.seed, train=False)
+  outputs, seen = [], 0
+  for host_batch in iterator:
+    if seen >= config.num_eval_images:
+      break
+    batch, _ = _device_batch(host_batch, mesh)
+    out = eval_step(state, batch, task.frozen)
+    outputs.append(jax.tree.map(np.asarray, jax.device_get(out)))
+    seen += config.global_batch_size
+  if not outputs:
+    raise ValueError(f"The eval split of data.source={config.data.source!r} yielded no batch.")
+  return task.summarize_eval(outputs)
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+  """Evaluates the latest checkpoint in `workdir`; writes eval_grid.png there."""
+  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  mesh = parallel.create_mesh(config.mesh)
+  rules = parallel.rules_from_config(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    task = tasks.build(config, mesh)
+    abstract, shardings = state_shardings(task, mesh, rules, jax.random.key(config.seed))
+    ckpt = checkpoint.Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
+                                   keep=config.keep_checkpoints)
+    step = ckpt.latest_step()
+    if step is None:
+      raise ValueError(f"--workdir={workdir!r} has no checkpoint to evaluate.")
+    state = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract, shardings), None)
+    ckpt.close()
+    metrics, images = evaluate(task, jit_eval_step(task, shardings, mesh), state, config, mesh)
+  if images is not None and jax.process_index() == 0:
+    grid.write_image_grid(os.path.join(workdir, "eval_grid.png"), images, columns=8,
+                          upscale=max(1, 128 // images.shape[1]))
+  return {**metrics, "step": step}
+
+
+def _metrics_collection(names):
+  return clu_metrics.Collection.create(
+      **{n: clu_metrics.Average.from_output(n) for n in names})
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config.task` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the final metrics, also written to `workdir/train_result.json`.
+  """
+  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top (tasks import loop)
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  mesh = parallel.create_mesh(config.mesh)
+  rules = parallel.rules_from_config(config.mesh)
+  logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape),
+               jax.device_count(), jax.process_count())
+  writer = metric_writers.create_default_writer(
+      os.path.join(workdir, "tb"), just_logging=jax.process_index() > 0)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    task = tasks.build(config, mesh)
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    state, state_sh = create_sharded_state(task, mesh, rules, init_rng)
+    train_iter = pipeline.create_iterator(
+        config.data, split="train", global_batch_size=config.global_batch_size,
+        seed=config.seed, train=True)
+    ckpt = checkpoint.Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
+                                   keep=config.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+      state = ckpt.restore(latest, checkpoint.abstract_with_shardings(state, state_sh), train_iter)
+    start = int(jax.device_get(state.step))
+
+    step_fn = jit_train_step(task, state_sh, mesh)
+    eval_fn = jit_eval_step(task, state_sh, mesh)
+    batch, skipped = _device_batch(next(train_iter), mesh)
+    compiled = step_fn.lower(state, batch, step_rng, task.frozen).compile()
+    step_flops = flops.compiled_flops(compiled)
+    peak = flops.peak_flops_per_device(config.peak_flops_per_device, task.compute_dtype)
+    memory = compiled.memory_analysis()
+    logging.info("Compiled train step: %.3g FLOPs/device/step; memory %s.", step_flops, memory)
+
+    sigterm = _Sigterm()
+    result = {}
+    train_metrics, last_log, last_log_step = None, time.perf_counter(), start
+    total_skipped = skipped
+    for step in range(start + 1, config.total_steps + 1):
+      if step > start + 1:
+        batch, skipped = _device_batch(next(train_iter), mesh)
+        total_skipped += skipped
+      state, metrics = compiled(state, batch, jax.random.fold_in(step_rng, step), task.frozen)
+      update = _metrics_collection(metrics).single_from_model_output(**metrics)
+      train_metrics = update if train_metrics is None else train_metrics.merge(update)
+
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        scalars = {k: float(v) for k, v in train_metrics.compute().items()}
+        if not np.isfinite(scalars.get("loss", 0.0)):
+          raise FloatingPointError(f"Non-finite loss {scalars['loss']} at step {step}.")
+        elapsed = time.perf_counter() - last_log
+        steps_per_sec = (step - last_log_step) / elapsed
+        scalars.update(
+            steps_per_sec=steps_per_sec,
+            examples_per_sec=steps_per_sec * config.global_batch_size,
+            mfu=step_flops * steps_per_sec / peak if peak else 0.0,
+            skipped_examples=total_skipped)
+        writer.write_scalars(step, scalars)
+        logging.info("step %d/%d loss %.4f | %.2f steps/s %.1f ex/s MFU %.2f%%", step,
+                     config.total_steps, scalars.get("loss", float("nan")), steps_per_sec,
+                     scalars["examples_per_sec"], 100 * scalars["mfu"])
+        result.update(scalars)
+        train_metrics, last_log, last_log_step = None, time.perf_counter(), step
+
+      if step % config.eval_every_steps == 0 or step == config.total_steps:
+        eval_metrics, images = evaluate(task, eval_fn, state, config, mesh)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        if images is not None and jax.process_index() == 0:
+          tiles = grid.write_image_grid(os.path.join(workdir, f"eval_{step}.png"), images,
+                                        columns=8, upscale=max(1, 128 // images.shape[1]))
+          writer.write_images(step, {"eval/grid": tiles[None]})
+        logging.info("eval step %d: %s", step, json.dumps(eval_metrics))
+        result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+        last_log = time.perf_counter()  # Do not count eval time as training time.
+
+      preempted = sigterm.received or (jax.process_count() > 1 and ckpt.reached_preemption(step))
+      if ckpt.should_save(step) or step == config.total_steps or preempted:
+        ckpt.save(step, state, train_iter, config)
+      if preempted:
+        break
+    ckpt.close()
+    writer.flush()
+  result.update(step=int(jax.device_get(state.step)), flops_per_step=step_flops,
+                peak_flops_per_device=peak, preempted=sigterm.received)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "train_result.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  return result
