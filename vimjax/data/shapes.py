@@ -231,17 +231,42 @@ class ShapesSource:
 # The analytic checker.
 
 
+def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+  """Separable Gaussian blur of [..., H, W], zero outside."""
+  if sigma <= 0:
+    return x
+  radius = int(np.ceil(3 * sigma))
+  taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
+  taps /= taps.sum()
+  pad = [(0, 0)] * (x.ndim - 2)
+  y = np.pad(x, pad + [(radius, radius), (0, 0)])
+  y = sum(t * y[..., i:i + x.shape[-2], :] for i, t in enumerate(taps))
+  y = np.pad(y, pad + [(0, 0), (radius, radius)])
+  return sum(t * y[..., i:i + x.shape[-1]] for i, t in enumerate(taps))
+
+
+# Template blur levels in pixels at 32 px (scaled with image size): matching
+# against blurred templates too keeps kinds readable in soft reconstructions.
+_TEMPLATE_BLURS = (0.0, 0.75, 1.5)
+
+
 @functools.lru_cache(maxsize=8)
 def _templates(image_size: int) -> tuple[np.ndarray, ...]:
-  """Per cell: float32 [1 + kinds*sizes, h, w] templates; index 0 is empty."""
+  """Per cell: float32 [1 + kinds*sizes*blurs, h, w]; index 0 is empty.
+
+  Index 1 + (kind * len(SIZES) + size) * len(_TEMPLATE_BLURS) + blur.
+  """
   out = []
   for position in range(len(POSITIONS)):
     y0, y1, x0, x1 = _cell_bounds(image_size, position)
     temps = [np.zeros((y1 - y0, x1 - x0), np.float32)]
     for kind in range(len(KINDS)):
       for size in range(len(SIZES)):
-        temps.append(_coverage(image_size, position, kind, size)[y0:y1, x0:x1])
-    out.append(np.stack(temps))
+        # Coverage is zero outside its cell, so blurring the crop is exact.
+        cov = _coverage(image_size, position, kind, size)[y0:y1, x0:x1]
+        for blur in _TEMPLATE_BLURS:
+          temps.append(_gaussian_blur(cov, blur * image_size / 32))
+    out.append(np.stack(temps).astype(np.float32))
   return tuple(out)
 
 
@@ -275,13 +300,17 @@ def analyze_cells(images: np.ndarray) -> dict[str, np.ndarray]:
     y0, y1, x0, x1 = _cell_bounds(s, position)
     patch = images[:, y0:y1, x0:x1]                       # [n, h, w, 3]
     bright = patch.max(axis=-1)                           # [n, h, w]
-    dist = ((bright[:, None] - temps[None]) ** 2).mean(axis=(2, 3))  # [n, T]
+    # Mean squared distance to every template, expanded to avoid [n, T, h, w].
+    dist = ((bright**2).sum(axis=(1, 2))[:, None]
+            - 2 * np.einsum("nhw,thw->nt", bright, temps)
+            + (temps**2).sum(axis=(1, 2))[None])                 # [n, T]
     best = dist.argmin(axis=1)
     occupied = best > 0
-    kind, size = divmod(np.maximum(best - 1, 0), len(SIZES))
+    kind, size = divmod(np.maximum(best - 1, 0) // len(_TEMPLATE_BLURS), len(SIZES))
     # Colour: vote of bright pixels by nearest palette chromaticity.
     chroma = patch / np.maximum(bright, 1e-3)[..., None]
-    nearest = ((chroma[..., None, :] - palette) ** 2).sum(-1).argmin(-1)  # [n, h, w]
+    # argmin_c |chroma - p_c|^2 without materialising [n, h, w, colors, 3].
+    nearest = ((palette**2).sum(-1) - 2 * chroma @ palette.T).argmin(-1)  # [n, h, w]
     weight = np.where(bright > 0.3, bright, 0.0)
     votes = np.stack([(weight * (nearest == c)).sum(axis=(1, 2))
                       for c in range(len(COLORS))], axis=-1)
