@@ -93,7 +93,8 @@ def test_caption_round_trip(val32):
 
 def test_parse_caption_grammar():
   scene = shapes.parse_caption(
-      "A Red circle at the bottom, a small blue square at the top left and a green triangle at the top")
+      "A Red circle at the bottom, a small blue square at the top left "
+      "and a green triangle at the top")
   assert int(scene["num_shapes"]) == 3
   assert list(scene["position"]) == [0, 1, 7]  # Sorted into reading order.
   assert list(scene["color"]) == [2, 1, 0] and list(scene["size"]) == [0, 1, 1]
@@ -114,17 +115,18 @@ def test_class_names():
 
 def test_checker_on_ground_truth_and_shuffled(val32):
   images, scenes = val32
-  np.testing.assert_array_equal(shapes.adherence(images, scenes), 1.0)
+  np.testing.assert_array_equal(shapes.adherence(images, scenes, check_size=True), 1.0)
   assert all(shapes.score_image(images[i], {k: v[i] for k, v in scenes.items()}) == 1.0
              for i in range(5))
   perm = np.random.default_rng(0).permutation(len(images))
   shuffled = {k: v[perm] for k, v in scenes.items()}
   assert shapes.adherence(images, shuffled).mean() < 0.05
   assert shapes.adherence(images, shuffled, check_kind=False).mean() < 0.05
-  predicted = np.array([shapes.classify_image(im) for im in images])
-  np.testing.assert_array_equal(predicted, scenes["label"])
+  np.testing.assert_array_equal(shapes.classify_images(images), scenes["label"])
+  assert [shapes.classify_image(im) for im in images[:3]] == list(scenes["label"][:3])
   # Float images in [0, 1] are read the same as uint8.
-  np.testing.assert_array_equal(shapes.adherence(images[:20] / 255.0, {k: v[:20] for k, v in scenes.items()}), 1.0)
+  first20 = {k: v[:20] for k, v in scenes.items()}
+  np.testing.assert_array_equal(shapes.adherence(images[:20] / 255.0, first20), 1.0)
 
 
 def test_checker_rejects_wrong_images():
@@ -136,10 +138,14 @@ def test_checker_rejects_wrong_images():
   other_kind = shapes.render_scene({**scene, "shape_kind": np.array([2, 1, -1], np.int32)}, 32)
   assert shapes.score_image(other_kind, scene) == 0.0
   assert shapes.score_image(other_kind, scene, check_kind=False) == 1.0
+  other_size = shapes.render_scene({**scene, "size": np.array([0, 0, -1], np.int32)}, 32)
+  assert shapes.score_image(other_size, scene) == 1.0
+  assert shapes.score_image(other_size, scene, check_size=True) == 0.0
   missing = shapes.render_scene({**scene, "num_shapes": np.int32(1)}, 32)
   assert shapes.score_image(missing, scene) == 0.0
   extra = shapes.render_scene(shapes.parse_caption(
-      "a red circle at the top left, a small blue square at the center and a green square at the right"), 32)
+      "a red circle at the top left, a small blue square at the center "
+      "and a green square at the right"), 32)
   assert shapes.score_image(extra, scene) == 0.0
   assert shapes.classify_image(np.zeros((32, 32, 3), np.uint8)) == -1
 
@@ -151,9 +157,9 @@ def test_checker_robust_to_blur_and_noise(val32):
   soft = np.clip(soft, 0, 1)
   assert np.abs(soft - images / 255.0).mean() > 0.02  # The perturbation is real.
   assert shapes.adherence(soft, scenes).mean() >= 0.98
+  assert shapes.adherence(soft, scenes, check_size=True).mean() >= 0.98
   assert shapes.adherence(soft, scenes, check_kind=False).mean() == 1.0
-  predicted = np.array([shapes.classify_image(im) for im in soft])
-  assert (predicted == scenes["label"]).mean() >= 0.98
+  assert (shapes.classify_images(soft) == scenes["label"]).mean() >= 0.98
 
 
 @pytest.mark.parametrize("size", [64, 256])

@@ -16,12 +16,14 @@ e.g. "a red circle at the top left and a small blue square at the center"
 
 The analytic checker reads each grid cell of an image independently: the cell's
 brightness (max over RGB, which on black equals a shape's coverage) is matched
-against rendered templates of every (kind, size) and an empty template, and the
-colour is the majority vote of bright pixels' nearest palette chromaticity.
+against rendered templates of every (kind, size), sharp and blurred, and an
+empty template; the colour is the majority vote of bright pixels' nearest
+palette chromaticity.
 It is robust to blur because both colour and template distances average over
 the whole cell. `score_image` is all-or-nothing: 1.0 iff the set of occupied
-cells equals the scene's positions and every shape has its colour and kind
-(size is not scored: it is the least stable attribute under blur).
+cells equals the scene's positions and every shape has its colour and kind.
+Size is scored only with `check_size=True` (the prompt-adherence metric asks
+for "what, where, which colour"; size reads as reliably as kind, see tests).
 """
 import functools
 import re
@@ -328,7 +330,7 @@ def _scene_batch(scenes: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
 
 
 def adherence(images: np.ndarray, scenes: Mapping[str, Any], *,
-              check_kind: bool = True) -> np.ndarray:
+              check_kind: bool = True, check_size: bool = False) -> np.ndarray:
   """Per-image prompt adherence, all-or-nothing.
 
   Args:
@@ -336,10 +338,11 @@ def adherence(images: np.ndarray, scenes: Mapping[str, Any], *,
     scenes: dict with `shape_kind`, `color`, `position`, `size` [n, 3] and
       `num_shapes` [n] (e.g. a pipeline batch, or stacked `parse_caption`s).
     check_kind: also require each shape's kind (colour and position always are).
+    check_size: also require each shape's size.
 
   Returns:
     float32 [n]: 1.0 iff exactly the scene's cells are occupied and each holds a
-    shape of the scene's colour (and kind), else 0.0.
+    shape of the scene's colour (and kind / size), else 0.0.
   """
   cells = analyze_cells(images)
   n = cells["occupied"].shape[0]
@@ -349,26 +352,37 @@ def adherence(images: np.ndarray, scenes: Mapping[str, Any], *,
   for j in range(MAX_SHAPES):
     present = j < scenes["num_shapes"]
     pos = np.where(present, scenes["position"][:, j], 0)
-    at = lambda key: np.take_along_axis(cells[key], pos[:, None], axis=1)[:, 0]  # pylint: disable=cell-var-from-loop
-    match = at("color") == scenes["color"][:, j]
-    if check_kind:
-      match &= at("shape_kind") == scenes["shape_kind"][:, j]
+    checked = ("color",) + ("shape_kind",) * check_kind + ("size",) * check_size
+    match = np.ones((n,), bool)
+    for key in checked:
+      found = np.take_along_axis(cells[key], pos[:, None], axis=1)[:, 0]
+      match &= found == scenes[key][:, j]
     ok &= ~present | match
     expected[np.arange(n)[present], pos[present]] = True
   ok &= (cells["occupied"].astype(bool) == expected).all(axis=1)
   return ok.astype(np.float32)
 
 
-def score_image(image: np.ndarray, scene: Mapping[str, Any], *, check_kind: bool = True) -> float:
+def score_image(image: np.ndarray, scene: Mapping[str, Any], *, check_kind: bool = True,
+                check_size: bool = False) -> float:
   """Prompt adherence of one image [S, S, 3] to one scene; see `adherence`."""
-  return float(adherence(np.asarray(image)[None], scene, check_kind=check_kind)[0])
+  return float(adherence(np.asarray(image)[None], scene, check_kind=check_kind,
+                         check_size=check_size)[0])
+
+
+def classify_images(images: np.ndarray) -> np.ndarray:
+  """Predicted class ids int32 [n] of images [n, S, S, 3]; -1 where no shape is seen.
+
+  The class is read from the first occupied cell in reading order.
+  """
+  cells = analyze_cells(images)
+  occupied = cells["occupied"].astype(bool)
+  first = occupied.argmax(axis=1)[:, None]
+  kind = np.take_along_axis(cells["shape_kind"], first, axis=1)[:, 0]
+  color = np.take_along_axis(cells["color"], first, axis=1)[:, 0]
+  return np.where(occupied.any(axis=1), kind * len(COLORS) + color, -1).astype(np.int32)
 
 
 def classify_image(image: np.ndarray) -> int:
-  """Predicted class id (first shape in reading order), or -1 if none is seen."""
-  cells = analyze_cells(np.asarray(image)[None])
-  occupied = np.flatnonzero(cells["occupied"][0])
-  if occupied.size == 0:
-    return -1
-  first = occupied[0]
-  return int(cells["shape_kind"][0, first]) * len(COLORS) + int(cells["color"][0, first])
+  """Predicted class id of one image [S, S, 3], or -1 if no shape is seen."""
+  return int(classify_images(np.asarray(image)[None])[0])
