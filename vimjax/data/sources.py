@@ -1,0 +1,259 @@
+"""Random-access sources of raw examples, chosen by a spec string (`data.source`).
+
+Specs:
+  shapes               the embedded procedural dataset (vimjax/data/shapes.py).
+  tfds:NAME[:SPLIT]    a prepared TFDS dataset read with `tfds.data_source`
+                       (ArrayRecord, random access; never downloads — run
+                       `tfds build NAME --file_format=array_record` first).
+  folder:PATH          images under PATH (recursive; .jpg .jpeg .png .webp).
+  array_record:GLOB    ArrayRecord files of `encode_record` dicts.
+
+`PATH` and `GLOB` may contain `{split}`, replaced by the requested split name
+("train", "eval", ...), e.g. `folder:/data/imagenet/{split}`; without it every
+split reads the same files. Requested splits for tfds map "train" -> "train" and
+"eval" -> "validation" unless the spec pins `SPLIT` (which then serves every
+split); shapes maps "eval" to its "validation" split.
+
+Every image source yields dicts with `image` (encoded bytes or uint8
+[H, W, 3]; decoded and resized by the pipeline), `label` int32 [] (-1 when the
+dataset has none) and `caption` str ("" when it has none). Folder examples also
+carry `path` for error messages.
+
+Record encoding (array_record): msgpack via `flax.serialization`, so numpy
+arrays keep dtype and shape, `str` stays str and `bytes` stays bytes. The
+stage-2 `encode` binary writes e.g. {"tokens": int32 [L], "label": int32 [],
+"caption": str} with `write_array_record`.
+"""
+import glob as glob_lib
+import os
+from typing import Any, Iterable
+
+from absl import logging
+from flax import serialization
+import grain
+import numpy as np
+
+from vimjax.data import shapes
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# Default sizes of the embedded dataset when no num_examples is given.
+SHAPES_DEFAULT_SIZES = {"train": 100_000, "validation": 1_000}
+_VALID_SPECS = "shapes, tfds:NAME[:SPLIT], folder:PATH, array_record:GLOB"
+_TFDS_SPLITS = {"train": "train", "eval": "validation"}
+
+
+def encode_record(record: dict[str, Any]) -> bytes:
+  """Serialises a flat dict of numpy arrays / scalars / str / bytes to bytes."""
+  if not isinstance(record, dict):
+    raise ValueError(f"encode_record expects a dict, got {type(record).__name__}.")
+  return serialization.msgpack_serialize(record)
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+  """Inverse of `encode_record`."""
+  record = serialization.msgpack_restore(data)
+  if not isinstance(record, dict):
+    raise ValueError(f"Record of {len(data)} bytes does not hold a dict "
+                     f"(got {type(record).__name__}); was it written by encode_record?")
+  return record
+
+
+def write_array_record(path: str, records: Iterable[dict[str, Any]]) -> int:
+  """Writes `encode_record` dicts to one ArrayRecord file; returns the count.
+
+  Uses group_size:1 so that `array_record:` sources read any record directly.
+  """
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+  count = 0
+  try:
+    for record in records:
+      writer.write(encode_record(record))
+      count += 1
+  finally:
+    writer.close()
+  return count
+
+
+class _Subset:
+  """The first `num_examples` elements of a source."""
+
+  def __init__(self, source, num_examples: int):
+    self.source, self.num_examples = source, num_examples
+
+  def __len__(self) -> int:
+    return self.num_examples
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self.num_examples:
+      raise IndexError(f"Index {index} out of range for {self!r}.")
+    return self.source[index]
+
+  def __repr__(self) -> str:
+    return f"{self.source!r}[:{self.num_examples}]"
+
+
+def as_text(value: Any) -> str:
+  """A caption field (str, bytes, array or list of them, {"text": ...}) -> str."""
+  if isinstance(value, dict):  # e.g. coco_captions: {"id": [...], "text": [...]}.
+    value = value.get("text", "")
+  if isinstance(value, np.ndarray):
+    value = value.reshape(-1)[0] if value.size else ""
+  elif isinstance(value, (list, tuple)):
+    value = value[0] if value else ""
+  if isinstance(value, (bytes, np.bytes_)):
+    return bytes(value).decode("utf-8", errors="replace")
+  return str(value)
+
+
+class FolderSource:
+  """Images under a directory; class = first sub-folder below `root`.
+
+  Classes are the sorted names of those sub-folders ("" for files directly in
+  `root`). The caption is the text of a same-named `.txt` file, else "".
+  """
+
+  def __init__(self, root: str):
+    if not os.path.isdir(root):
+      raise ValueError(f"folder source {root!r} is not a directory.")
+    self.root = root
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+      dirnames.sort()
+      files.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise ValueError(f"folder source {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    self.files = files
+    top = [self._class_of(f) for f in files]
+    self.classes = sorted(set(top))
+    index = {c: i for i, c in enumerate(self.classes)}
+    self.labels = np.array([index[c] for c in top], np.int32)
+
+  def _class_of(self, path: str) -> str:
+    parts = os.path.relpath(path, self.root).split(os.sep)
+    return parts[0] if len(parts) > 1 else ""
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    path = self.files[index]
+    try:
+      with open(path, "rb") as f:
+        image = f.read()
+    except OSError as e:  # Counted as a corrupt image by the pipeline.
+      logging.warning("Cannot read %s: %s", path, e)
+      image = b""
+    caption = ""
+    txt = os.path.splitext(path)[0] + ".txt"
+    if os.path.exists(txt):
+      with open(txt, encoding="utf-8", errors="replace") as f:
+        caption = f.read().strip()
+    return {"image": image, "label": self.labels[index], "caption": caption, "path": path}
+
+  def __repr__(self) -> str:
+    return f"FolderSource({self.root!r}, {len(self)} images, {len(self.classes)} classes)"
+
+
+def _tfds_data_source(name: str, split: str):
+  """Opens a prepared TFDS dataset; images stay encoded (decoded in the pipeline)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top (heavy, optional)
+  try:
+    builder = tfds.builder(name)
+    decoders = ({"image": tfds.decode.SkipDecoding()}
+                if "image" in builder.info.features else None)
+    return builder.as_data_source(split=split, decoders=decoders)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+        f"tfds:{name} split {split!r} cannot be opened as a data source ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}); prepare it with `tfds build {name} "
+        "--file_format=array_record` (TFDS_DATA_DIR sets where).") from e
+
+
+class TfdsSource:
+  """A TFDS data source with fields mapped to image / label / caption."""
+
+  def __init__(self, name: str, split: str):
+    self.name, self.split = name, split
+    self.source = _tfds_data_source(name, split)
+    if len(self.source) == 0:
+      raise ValueError(f"tfds:{name} split {split!r} has no examples.")
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    ex = self.source[index]
+    out = {"image": ex["image"],
+           "label": np.int32(ex["label"]) if "label" in ex else np.int32(-1),
+           "caption": ""}
+    for key in ("caption", "captions", "text"):
+      if key in ex:
+        out["caption"] = as_text(ex[key])
+        break
+    return out
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name!r}, split={self.split!r})"
+
+
+class ArrayRecordSource:
+  """`encode_record` dicts stored in ArrayRecord files."""
+
+  def __init__(self, pattern: str):
+    self.pattern = pattern
+    self.paths = sorted(glob_lib.glob(pattern))
+    if not self.paths:
+      raise ValueError(f"array_record source {pattern!r} matches no files.")
+    self.source = grain.sources.ArrayRecordDataSource(self.paths)
+    if len(self.source) == 0:
+      raise ValueError(f"array_record source {pattern!r} holds no records.")
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return decode_record(self.source[index])
+
+  def __repr__(self) -> str:
+    return f"ArrayRecordSource({self.pattern!r}, {len(self.paths)} files)"
+
+
+def make_source(spec: str, split: str, *, image_size: int,
+                num_examples: int | None = None):
+  """Returns a grain random-access source of raw examples.
+
+  Args:
+    spec: one of the forms in the module docstring.
+    split: requested split, e.g. "train" or "eval".
+    image_size: rendering size for `shapes` (other sources are resized later).
+    num_examples: size of `shapes`; for other sources the first `num_examples`
+      examples are used (all if None or larger than the source).
+
+  Raises:
+    ValueError: unknown spec, empty or missing data, bad split.
+  """
+  kind, _, arg = spec.partition(":")
+  if kind == "shapes" and not arg:
+    shapes_split = "validation" if split == "eval" else split
+    if shapes_split not in SHAPES_DEFAULT_SIZES:
+      raise ValueError(f"shapes has no split {split!r}; valid: train, eval (= validation).")
+    return shapes.ShapesSource(shapes_split, image_size,
+                               num_examples or SHAPES_DEFAULT_SIZES[shapes_split])
+  if kind == "tfds" and arg:
+    name, _, pinned = arg.partition(":")
+    source = TfdsSource(name, pinned or _TFDS_SPLITS.get(split, split))
+  elif kind == "folder" and arg:
+    source = FolderSource(arg.replace("{split}", split))
+  elif kind == "array_record" and arg:
+    source = ArrayRecordSource(arg.replace("{split}", split))
+  else:
+    raise ValueError(f"Unknown data source {spec!r}; valid forms: {_VALID_SPECS}.")
+  if num_examples and num_examples < len(source):
+    return _Subset(source, num_examples)
+  if num_examples and num_examples > len(source):
+    logging.warning("%r has %d examples, fewer than the %d requested; using all of them.",
+                    source, len(source), num_examples)
+  return source
+
