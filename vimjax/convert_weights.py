@@ -45,7 +45,7 @@ def _take(state: dict[str, np.ndarray], key: str, shape: tuple[int, ...],
 
 def convert_state_dicts(vgg_state: dict[str, np.ndarray],
                         lpips_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Maps torch names/layouts to the flat names of `perceptual.Lpips` params.
+  """Maps torch names/layouts to the flat names of `perceptual.LPIPS` params.
 
   Args:
     vgg_state: torchvision vgg16 state dict as NumPy (extra keys such as

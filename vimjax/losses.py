@@ -112,7 +112,7 @@ def logit_laplace_decode(mu_logit: Array, eps: float = 0.1) -> Array:
 
 
 def vq_loss(latents: Array, quantized_latents: Array,
-            beta: float = 0.25) -> tuple[Array, dict[str, Array]]:
+            beta: float = 0.25) -> dict[str, Array]:
   """VQ-VAE loss ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2.
 
   Each term is the squared distance per token (summed over the lookup dim),
@@ -126,8 +126,8 @@ def vq_loss(latents: Array, quantized_latents: Array,
     beta: commitment weight (0.25 in ViT-VQGAN).
 
   Returns:
-    (loss, parts): loss [] = codebook + beta * commitment; parts is
-    {"codebook": [], "commitment": []} (commitment unweighted) for logging.
+    {"loss": [] codebook + beta * commitment, "codebook": [], "commitment": []}
+    (the parts unweighted, for logging).
   """
   if latents.shape != quantized_latents.shape:
     raise ValueError(f"vq_loss shapes differ: latents {latents.shape} vs "
@@ -136,7 +136,8 @@ def vq_loss(latents: Array, quantized_latents: Array,
   sg = jax.lax.stop_gradient
   codebook = jnp.mean(jnp.sum(jnp.square(sg(z) - e), axis=-1))
   commitment = jnp.mean(jnp.sum(jnp.square(z - sg(e)), axis=-1))
-  return codebook + beta * commitment, {"codebook": codebook, "commitment": commitment}
+  return {"loss": codebook + beta * commitment, "codebook": codebook,
+          "commitment": commitment}
 
 
 def _entropy(probs: Array, log_probs: Array) -> Array:
@@ -262,14 +263,14 @@ def update_lecam_ema(ema_real: Array, ema_fake: Array, real_logits: Array,
   return new_real, new_fake
 
 
-def perceptual_loss(lpips_model: nn.Module, lpips_variables: Any, pred: Array,
+def perceptual_loss(lpips_model: nn.Module, lpips_params: Any, pred: Array,
                     target: Array) -> Array:
   """Mean LPIPS distance between reconstructions and targets.
 
   Args:
-    lpips_model: a `vimjax.models.perceptual.Lpips` (or any module whose
-      `apply(variables, a, b)` returns a [b] distance).
-    lpips_variables: its frozen variables, e.g. from `load_lpips_params`;
+    lpips_model: a `vimjax.models.perceptual.LPIPS` (or any module whose
+      `apply({"params": params}, a, b)` returns a [b] distance).
+    lpips_params: its frozen params tree, e.g. from `load_lpips_params`;
       gradients are stopped so they never train.
     pred: [b, h, w, 3] reconstructions in [0, 1] (gradients flow here).
     target: [b, h, w, 3] targets in [0, 1].
@@ -277,5 +278,5 @@ def perceptual_loss(lpips_model: nn.Module, lpips_variables: Any, pred: Array,
   Returns:
     [] mean distance.
   """
-  frozen = jax.lax.stop_gradient(lpips_variables)
-  return jnp.mean(lpips_model.apply(frozen, pred, jax.lax.stop_gradient(target)))
+  frozen = jax.lax.stop_gradient(lpips_params)
+  return jnp.mean(lpips_model.apply({"params": frozen}, pred, jax.lax.stop_gradient(target)))

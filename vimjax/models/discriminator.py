@@ -21,6 +21,17 @@ _LRELU_GAIN = math.sqrt(2.0)
 _SKIP_GAIN = math.sqrt(0.5)
 
 
+def flat_init(init: nn.initializers.Initializer) -> nn.initializers.Initializer:
+  """Draws a conv kernel as a 2-D [kh * kw * in, out] matrix, then reshapes.
+
+  Same fan-in, same distribution; XLA:CPU compiles rank-4 partitionable
+  threefry draws very slowly (seconds per kernel), rank-2 ones fast.
+  """
+  def wrapped(key, shape, dtype=jnp.float32):
+    return init(key, (math.prod(shape[:-1]), shape[-1]), dtype).reshape(shape)
+  return wrapped
+
+
 def _lrelu(x: Array) -> Array:
   return nn.leaky_relu(x, 0.2) * jnp.asarray(_LRELU_GAIN, x.dtype)
 
@@ -105,7 +116,8 @@ class Conv(nn.Module):
       init, scale = nn.initializers.normal(1.0), 1.0 / math.sqrt(fan_in)
     else:
       init, scale = nn.initializers.variance_scaling(1.0, "fan_in", "normal"), 1.0
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+    kernel = self.param("kernel", nn.with_logical_partitioning(flat_init(init),
+                                                               self.kernel_axes),
                         (k, k, cin, self.features), self.param_dtype)
     kernel = (kernel * (scale * self.gain)).astype(self.dtype)
     x = x.astype(self.dtype)

@@ -33,6 +33,12 @@ CONVERT_HINT = ("produce it with `python -m vimjax.convert_weights "
                 "--torchvision_vgg16=vgg16-397923af.pth --lpips_vgg=vgg.pth --out=vgg16_lpips.npz`")
 
 
+def _flat_lecun_normal(key, shape, dtype=jnp.float32):
+  # Drawn 2-D then reshaped: XLA:CPU compiles rank-4 random draws very slowly.
+  flat = nn.initializers.lecun_normal()(key, (int(np.prod(shape[:-1])), shape[-1]), dtype)
+  return flat.reshape(shape)
+
+
 def normalize_channels(features: Array) -> Array:
   """Unit-normalises each feature vector over channels, as LPIPS does.
 
@@ -62,7 +68,7 @@ class Vgg16Features(nn.Module):
 
     Args:
       x: [b, h, w, 3] input already shifted/scaled like torchvision's ImageNet
-        normalisation (see `Lpips`).
+        normalisation (see `LPIPS`).
 
     Returns:
       Five arrays [b, h / 2^s, w / 2^s, TAP_CHANNELS[s]] in `dtype`, s = 0..4.
@@ -74,13 +80,15 @@ class Vgg16Features(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
       for i, features in enumerate(stage):
         x = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=f"conv{s + 1}_{i + 1}")(x)
+                    param_dtype=self.param_dtype,
+                    kernel_init=_flat_lecun_normal,
+                    name=f"conv{s + 1}_{i + 1}")(x)
         x = nn.relu(x)
       taps.append(x)
     return taps
 
 
-class Lpips(nn.Module):
+class LPIPS(nn.Module):
   """LPIPS 'vgg' v0.1 distance.
 
   Params: {"vgg": {conv1_1 ... conv5_3: {kernel [3, 3, in, out], bias [out]}},
@@ -131,7 +139,10 @@ class Lpips(nn.Module):
       [b] float32 distance, 0 for identical images.
     """
     if images0.shape != images1.shape:
-      raise ValueError(f"Lpips inputs differ in shape: {images0.shape} vs {images1.shape}.")
+      raise ValueError(f"LPIPS inputs differ in shape: {images0.shape} vs {images1.shape}.")
+    if images0.ndim != 4 or min(images0.shape[1:3]) < 16:
+      raise ValueError(f"LPIPS needs [b, h, w, 3] images with h, w >= 16 (four VGG "
+                       f"poolings), got shape {images0.shape}.")
     b = images0.shape[0]
     # One VGG pass over both (bigger matmuls, one compile).
     taps = self.features(jnp.concatenate([images0, images1], axis=0))
@@ -147,8 +158,8 @@ def flatten_params(tree: Any) -> dict[str, np.ndarray]:
 
 
 def expected_param_shapes() -> dict[str, tuple[int, ...]]:
-  """Flat name -> shape of the `Lpips` params (what the .npz must hold)."""
-  shapes = jax.eval_shape(Lpips().init, jax.random.key(0),
+  """Flat name -> shape of the `LPIPS` params (what the .npz must hold)."""
+  shapes = jax.eval_shape(LPIPS().init, jax.random.key(0),
                           jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16, 3)))
   flat = flax.traverse_util.flatten_dict(shapes["params"])
   return {"/".join(k): tuple(v.shape) for k, v in flat.items()}
@@ -161,7 +172,7 @@ def load_lpips_params(path: str) -> dict[str, Any]:
     path: .npz written by `python -m vimjax.convert_weights`.
 
   Returns:
-    {"params": tree} float32 NumPy arrays, ready for `Lpips().apply`.
+    The params tree (float32 NumPy arrays): `LPIPS().apply({"params": tree}, a, b)`.
 
   Raises:
     FileNotFoundError: `path` does not exist.
@@ -185,4 +196,4 @@ def load_lpips_params(path: str) -> dict[str, Any]:
                      f"({len(extra)} unexpected); valid names: vgg/conv*_*/{{kernel,bias}}, "
                      "lin_*/kernel.")
   tree = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in arrays.items()})
-  return {"params": tree}
+  return tree

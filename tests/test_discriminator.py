@@ -1,0 +1,140 @@
+"""StyleGAN2 discriminator: shapes, param tree, mbstd/blur math, sharding."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
+
+from vimjax import parallel
+from vimjax.models import discriminator as disc_lib
+
+TINY = dict(base_channels=8, max_channels=16)
+
+
+def _images(seed, b, size):
+  return jax.random.uniform(jax.random.key(seed), (b, size, size, 3))
+
+
+def _shapes(params):
+  return jax.tree.map(lambda x: tuple(x.shape), nn.meta.unbox(params))
+
+
+def test_logits_shape_and_finite(size=64):  # 32px runs in the mesh test below.
+  model = disc_lib.Discriminator(image_size=size, **TINY)
+  images = _images(0, 4, size)
+  params = jax.jit(model.init)(jax.random.key(1), images)
+  logits = jax.jit(model.apply)(params, images)
+  assert logits.shape == (4,) and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits))
+  assert len(np.unique(np.asarray(logits))) == 4  # Different images, different scores.
+
+
+def test_param_tree_32px():
+  model = disc_lib.Discriminator(image_size=32, **TINY)
+  shapes = _shapes(jax.eval_shape(model.init, jax.random.key(0), _images(0, 2, 32))["params"])
+  block = lambda cin, cout: {"conv0": {"kernel": (3, 3, cin, cin), "bias": (cin,)},
+                             "conv1": {"kernel": (3, 3, cin, cout), "bias": (cout,)},
+                             "skip": {"kernel": (1, 1, cin, cout)}}
+  assert shapes == {
+      "from_rgb": {"kernel": (1, 1, 3, 8), "bias": (8,)},
+      "b32": block(8, 16), "b16": block(16, 16), "b8": block(16, 16),
+      "b4_conv": {"kernel": (3, 3, 17, 16), "bias": (16,)},  # +1 mbstd channel
+      "b4_fc": {"kernel": (4 * 4 * 16, 16), "bias": (16,)},
+      "out": {"kernel": (16, 1), "bias": (1,)},
+  }
+
+
+def test_paper_channels_256px():
+  model = disc_lib.Discriminator(image_size=256)  # StyleGAN2 256px widths
+  assert model.resolution_channels() == {256: 64, 128: 128, 64: 256, 32: 512, 16: 512,
+                                         8: 512, 4: 512}
+  out = jax.eval_shape(model.apply, jax.eval_shape(model.init, jax.random.key(0),
+                                                   jnp.zeros((4, 256, 256, 3))),
+                       jnp.zeros((4, 256, 256, 3)))
+  assert out.shape == (4,)
+
+
+def test_explicit_channels_and_bad_config():
+  model = disc_lib.Discriminator(image_size=16, channels=(4, 8, 12))
+  assert model.resolution_channels() == {16: 4, 8: 8, 4: 12}
+  with pytest.raises(ValueError, match="one per resolution"):
+    disc_lib.Discriminator(image_size=16, channels=(4, 8)).resolution_channels()
+  with pytest.raises(ValueError, match="power of two"):
+    disc_lib.Discriminator(image_size=48).resolution_channels()
+  with pytest.raises(ValueError, match=r"expects \[b, 32, 32"):
+    m = disc_lib.Discriminator(image_size=32, **TINY)
+    m.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)))
+
+
+def _np_mbstd(x, g, f):
+  x = np.asarray(x, np.float64)
+  n, h, w, c = x.shape
+  out = np.zeros((n, h, w, f))
+  for start in range(0, n, g):
+    grp = x[start:start + g]
+    std = np.sqrt(((grp - grp.mean(0)) ** 2).mean(0) + 1e-8)  # [h, w, c]
+    for j in range(f):
+      out[start:start + g, :, :, j] = std[..., j * (c // f):(j + 1) * (c // f)].mean()
+  return np.concatenate([x, out], axis=-1)
+
+
+@pytest.mark.parametrize("n,g,f", [(8, 4, 1), (6, 2, 2), (3, 4, 1)])
+def test_minibatch_stddev_matches_numpy(n, g, f):
+  x = np.random.default_rng(0).normal(size=(n, 4, 4, 6)).astype(np.float32)
+  np.testing.assert_allclose(disc_lib.minibatch_stddev(x, g, f), _np_mbstd(x, min(g, n), f),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_minibatch_stddev_rejects_indivisible_batch():
+  with pytest.raises(ValueError, match="not divisible by group size 4"):
+    disc_lib.minibatch_stddev(jnp.zeros((6, 4, 4, 2)), 4)
+
+
+def test_blur_downsample_keeps_constants_and_halves():
+  x = jnp.full((1, 8, 8, 2), 3.0)
+  y = disc_lib.blur(x, pad=1, stride=2)
+  assert y.shape == (1, 4, 4, 2)
+  np.testing.assert_allclose(y[0, 1:-1, 1:-1], 3.0, rtol=1e-6)  # Interior: filter sums to 1.
+  # Separable [1,3,3,1]/8 filter on a delta at (3, 3), stride 1, pad 2.
+  delta = np.zeros((1, 7, 7, 1), np.float32)
+  delta[0, 3, 3, 0] = 1.0
+  taps = np.array([1, 3, 3, 1]) / 8.0
+  got = np.asarray(disc_lib.blur(jnp.asarray(delta), pad=2, stride=1))[0, :, :, 0]
+  assert got.shape == (8, 8)
+  np.testing.assert_allclose(got[2:6, 2:6], np.outer(taps, taps), rtol=1e-6)
+  assert got.sum() == pytest.approx(1.0)
+
+
+def test_equalized_lr_and_bf16():
+  model = disc_lib.Discriminator(image_size=32, equalized_lr=True, dtype=jnp.bfloat16, **TINY)
+  images = _images(2, 4, 32)
+  params = jax.jit(model.init)(jax.random.key(0), images)
+  kernel = nn.meta.unbox(params)["params"]["b32"]["conv0"]["kernel"]
+  assert kernel.dtype == jnp.float32
+  assert 0.8 < float(jnp.std(kernel)) < 1.2  # N(0, 1) storage, scaled at runtime.
+  logits = jax.jit(model.apply)(params, images)
+  assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+
+
+def test_params_shard_on_8_device_mesh():
+  mesh = parallel.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = parallel.DEFAULT_RULES
+  model = disc_lib.Discriminator(image_size=32, **TINY)
+  images = _images(3, 8, 32)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), images)
+  shardings = parallel.logical_to_shardings(abstract, mesh, rules)
+  specs = shardings["params"]
+  assert specs["b32"]["conv1"]["kernel"].spec == P(None, None, "fsdp", "tensor")
+  assert specs["from_rgb"]["kernel"].spec == P(None, None, None, "tensor")  # RGB dim 3.
+  assert specs["b4_fc"]["kernel"].spec == P("fsdp", "tensor")
+  assert specs["out"]["kernel"].spec == P("tensor", None)
+  params = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), images)
+  assert nn.meta.unbox(params)["params"]["b8"]["conv0"]["kernel"].sharding == \
+      specs["b8"]["conv0"]["kernel"]
+  sharded_images = jax.device_put(images, parallel.batch_sharding(mesh))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    logits = jax.jit(model.apply)(params, sharded_images)
+  assert logits.shape == (8,)
+  np.testing.assert_allclose(logits, jax.jit(model.apply)(jax.device_get(params), images),
+                             rtol=1e-4, atol=1e-5)
