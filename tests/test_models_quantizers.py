@@ -15,6 +15,11 @@ def _z(shape=(B, N, D), seed=0):
   return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
+def _key(seed=0):
+  # rbg keys: jitted init compiles ~2x faster on CPU than threefry.
+  return jax.random.key(seed, impl="rbg")
+
+
 def _l2n(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -22,7 +27,7 @@ def _l2n(x):
 @pytest.fixture(scope="module")
 def factorized():
   mod = quantizers.FactorizedQuantizer(codebook_size=K, lookup_dim=LOOKUP, features=D)
-  variables = jax.jit(mod.init)(jax.random.key(0), _z())
+  variables = jax.jit(mod.init)(_key(), _z())
   return mod, variables
 
 
@@ -106,7 +111,7 @@ def _fsq():
 
 def test_fsq_bound_and_round_match_numpy():
   mod = _fsq()
-  variables = jax.jit(mod.init)(jax.random.key(0), _z())
+  variables = jax.jit(mod.init)(_key(), _z())
   z = _z((64, 3, D), seed=6) * 3
   z_q, aux = mod.apply(variables, z)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.meta.unbox(variables)["params"])
@@ -138,7 +143,7 @@ def test_fsq_bound_and_round_match_numpy():
 
 def test_fsq_codes_values_bijection():
   mod = _fsq()
-  variables = jax.jit(mod.init)(jax.random.key(0), _z())
+  variables = jax.jit(mod.init)(_key(), _z())
   codes = jnp.arange(8 * 5 * 4 * 2)
   digits = mod.apply(variables, codes, method="codes_to_digits")
   np.testing.assert_array_equal(mod.apply(variables, digits, method="digits_to_codes"), codes)
@@ -153,7 +158,7 @@ def test_fsq_codes_values_bijection():
 
 def test_fsq_straight_through_and_errors():
   mod = _fsq()
-  variables = jax.jit(mod.init)(jax.random.key(0), _z())
+  variables = jax.jit(mod.init)(_key(), _z())
   g = jax.grad(lambda z: jnp.sum(mod.apply(variables, z)[0]))(_z(seed=7))
   assert float(jnp.abs(g).max()) > 0
   assert nn.get_partition_spec(variables)["params"]["up"]["kernel"] == P(None, "embed")

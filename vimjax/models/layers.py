@@ -126,6 +126,33 @@ class MlpBlock(nn.Module):
                  bias_init=_part(_zeros, ("embed",)), name="wo")(h)
 
 
+class _Projection(nn.Module):
+  """y = einsum(equation, x, kernel) + bias with a kernel created at full rank.
+
+  nn.DenseGeneral initialises a flattened 2D kernel and reshapes it, which
+  breaks 3-name logical partitioning under active axis rules; this doesn't.
+  """
+  kernel_shape: tuple[int, ...]
+  kernel_names: tuple[str | None, ...]
+  num_in_axes: int  # leading kernel axes contracted with x (fan-in)
+  equation: str
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_axes = tuple(range(self.num_in_axes))
+    out_axes = tuple(range(self.num_in_axes, len(self.kernel_shape)))
+    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axes,
+                                            out_axis=out_axes)
+    kernel = self.param("kernel", _part(init, self.kernel_names), self.kernel_shape,
+                        self.param_dtype)
+    bias = self.param("bias", _part(_zeros, self.kernel_names[self.num_in_axes:]),
+                      self.kernel_shape[self.num_in_axes:], self.param_dtype)
+    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head dot-product attention with an optional decode-time KV cache.
 
@@ -157,14 +184,13 @@ class Attention(nn.Module):
     Returns:
       [b, q, embed] in `dtype`.
     """
-    proj = functools.partial(
-        nn.DenseGeneral, features=(self.num_heads, self.head_dim), axis=-1,
-        kernel_init=_part(_dense_init, ("embed", "heads", "kv")),
-        bias_init=_part(_zeros, ("heads", "kv")),
-        dtype=self.dtype, param_dtype=self.param_dtype)
-    query = proj(name="query")(inputs_q)
-    key = proj(name="key")(inputs_kv)
-    value = proj(name="value")(inputs_kv)
+    def proj(x, name):
+      return _Projection((x.shape[-1], self.num_heads, self.head_dim),
+                         ("embed", "heads", "kv"), 1, "bld,dhk->blhk", self.dtype,
+                         self.param_dtype, name=name)(x)
+    query = proj(inputs_q, "query")
+    key = proj(inputs_kv, "key")
+    value = proj(inputs_kv, "value")
 
     if decode:
       initialized = self.has_variable("cache", "cached_key")
@@ -195,11 +221,9 @@ class Attention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-    return nn.DenseGeneral(
-        features=inputs_q.shape[-1], axis=(-2, -1),
-        kernel_init=_part(_dense_init, ("heads", "kv", "embed")),
-        bias_init=_part(_zeros, ("embed",)),
-        dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
+    return _Projection((self.num_heads, self.head_dim, inputs_q.shape[-1]),
+                       ("heads", "kv", "embed"), 2, "blhk,hkd->bld", self.dtype,
+                       self.param_dtype, name="out")(out)
 
 
 class TransformerBlock(nn.Module):
