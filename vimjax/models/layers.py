@@ -163,10 +163,16 @@ class Attention(nn.Module):
   takes exactly one new position, writes it at cache_index and attends over
   the filled positions only. A caller `mask` in decode steps must broadcast to
   [b, heads, 1, max_len] (e.g. the current row of a conv-shaped mask).
+
+  With `static_kv=True` (cross-attention to a fixed encoder output), decode
+  mode instead projects `inputs_kv` once, when the cache is created, stores
+  cached_key / cached_value [b, k, heads, head_dim], and every later decode
+  step reuses them without re-projecting (`inputs_kv` is then ignored).
   """
   num_heads: int
   head_dim: int
   dropout_rate: float = 0.0
+  static_kv: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -180,7 +186,8 @@ class Attention(nn.Module):
       inputs_kv: [b, k, embed_kv] (same as inputs_q for self-attention).
       mask: optional bool, broadcastable to [b, heads, q, k]; True = attend.
       deterministic: disables attention dropout.
-      decode: use / fill the autoregressive cache (self-attention only).
+      decode: use / fill the autoregressive cache (self-attention), or the
+        once-projected encoder keys/values (`static_kv`).
     Returns:
       [b, q, embed] in `dtype`.
     """
@@ -189,10 +196,18 @@ class Attention(nn.Module):
                          ("embed", "heads", "kv"), 1, "bld,dhk->blhk", self.dtype,
                          self.param_dtype, name=name)(x)
     query = proj(inputs_q, "query")
-    key = proj(inputs_kv, "key")
-    value = proj(inputs_kv, "value")
+    if decode and self.static_kv and self.has_variable("cache", "cached_key"):
+      # Cross-attention decode step: the encoder keys/values were projected once.
+      key = self.get_variable("cache", "cached_key")
+      value = self.get_variable("cache", "cached_value")
+    else:
+      key = proj(inputs_kv, "key")
+      value = proj(inputs_kv, "value")
+      if decode and self.static_kv:
+        self.put_variable("cache", "cached_key", key)
+        self.put_variable("cache", "cached_value", value)
 
-    if decode:
+    if decode and not self.static_kv:
       initialized = self.has_variable("cache", "cached_key")
       cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
       cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape,
@@ -237,6 +252,9 @@ class TransformerBlock(nn.Module):
   dropout_rate: float = 0.0
   causal: bool = False
   cross_attention: bool = False
+  # Decode mode: project the encoder keys/values once and keep them in the
+  # "cache" collection (Attention static_kv) instead of every step.
+  cache_cross_attention: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -250,7 +268,8 @@ class TransformerBlock(nn.Module):
         (combined with the causal mask when `causal`).
       encoder_mask: optional cross-attention mask, [b, h, l, l_enc]-broadcastable.
       deterministic: disables dropout.
-      decode: autoregressive decoding with the self-attention cache.
+      decode: autoregressive decoding with the self-attention cache (and, with
+        `cache_cross_attention`, the once-projected cross-attention keys/values).
     Returns:
       [b, l, embed] in `dtype`.
     """
@@ -277,8 +296,9 @@ class TransformerBlock(nn.Module):
       if encoded is None:
         raise ValueError("TransformerBlock(cross_attention=True) needs `encoded`.")
       h = norm(name="pre_cross_attention_norm")(x)
-      h = attention(name="cross_attention")(h, encoded.astype(self.dtype), encoder_mask,
-                                            deterministic=deterministic)
+      h = attention(name="cross_attention", static_kv=self.cache_cross_attention)(
+          h, encoded.astype(self.dtype), encoder_mask, deterministic=deterministic,
+          decode=decode and self.cache_cross_attention)
       x = x + dropout(h, deterministic=deterministic)
     h = norm(name="pre_mlp_norm")(x)
     h = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
@@ -304,6 +324,9 @@ class TransformerStack(nn.Module):
   dropout_rate: float = 0.0
   causal: bool = False
   cross_attention: bool = False
+  # Decode mode: project the encoder keys/values once and keep them in the
+  # "cache" collection (Attention static_kv) instead of every step.
+  cache_cross_attention: bool = False
   scan_layers: bool = False
   remat_policy: str = "none"
   dtype: Dtype = jnp.float32
@@ -324,7 +347,8 @@ class TransformerStack(nn.Module):
     block = functools.partial(
         block_cls, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         dropout_rate=self.dropout_rate, causal=self.causal,
-        cross_attention=self.cross_attention, dtype=self.dtype,
+        cross_attention=self.cross_attention,
+        cache_cross_attention=self.cache_cross_attention, dtype=self.dtype,
         param_dtype=self.param_dtype)
     args = (encoded, mask, encoder_mask, deterministic, decode)
     if self.scan_layers:
