@@ -186,7 +186,28 @@ def test_guidance_runs_one_batch_of_2b_rows(vim, parti, use_cache):
 
 
 def _flops(fn, *args):
-  return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+  return jax.jit(fn).lower(*args).compile().cost_analysis().get("flops", 0.0)
+
+
+def test_unconditional_vim_sampling():
+  model = transformer.VIM(vocab_size=V, grid_h=G, grid_w=G, num_layers=1, num_heads=2,
+                          emb_dim=D, mlp_dim=64, num_classes=0)
+  _, params = _random_params(model, jnp.zeros((2, N), jnp.int32), None)
+  run = lambda use_cache: np.asarray(sampling.sample_vim(
+      model, params, None, batch_size=2, num_tokens=N, rng=jax.random.key(4), top_p=0.9,
+      use_cache=use_cache))
+  cached = run(True)
+  assert cached.shape == (2, N)
+  np.testing.assert_array_equal(cached, run(False))
+
+
+def test_cache_creation_drops_the_dummy_forward(vim):
+  """Only the cache of the full-length decode=True call is kept: XLA removes the rest."""
+  model, _, params = vim
+  tokens, labels = jnp.zeros((B, N), jnp.int32), jnp.asarray(LABELS)
+  apply = lambda p, **kw: model.apply({"params": p}, tokens, labels, train=False, **kw)
+  assert _flops(lambda p: apply(p), params) > 1e5
+  assert _flops(lambda p: apply(p, decode=True, mutable=["cache"])[1], params) < 100
 
 
 def test_cached_step_costs_one_position(vim, parti):

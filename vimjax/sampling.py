@@ -146,7 +146,7 @@ def _sample_vim(model, params, labels, rng, temperature, top_p, cfg_scale, *, nu
                       top_p, cfg_scale, guided, greedy, use_top_p)
 
 
-def sample_vim(model: transformer.VIM, params, labels, *, num_tokens: int, rng,
+def sample_vim(model: transformer.VIM, params, labels, *, rng, num_tokens: int | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                cfg_scale: float = 1.0, use_cache: bool = True, batch_size: int | None = None):
   """Samples image tokens from VIM.
@@ -156,7 +156,7 @@ def sample_vim(model: transformer.VIM, params, labels, *, num_tokens: int, rng,
     params: its params (unboxed; may be sharded).
     labels: [b] int32 class ids, or None for an unconditional model (then
       `batch_size` gives b).
-    num_tokens: tokens per image (<= grid_h * grid_w).
+    num_tokens: tokens per image, <= grid_h * grid_w (None = all of them).
     rng: jax PRNG key.
     temperature: > 0, or 0 for greedy (argmax).
     top_k: keep the k most likely tokens (0 = off).
@@ -168,6 +168,10 @@ def sample_vim(model: transformer.VIM, params, labels, *, num_tokens: int, rng,
   Returns:
     tokens [b, num_tokens] int32.
   """
+  num_tokens = model.num_tokens if num_tokens is None else int(num_tokens)
+  if num_tokens > model.num_tokens:
+    raise ValueError(f"num_tokens={num_tokens} exceeds the model's grid_h * grid_w = "
+                     f"{model.num_tokens}.")
   _check(num_tokens, temperature, top_k, top_p)
   if labels is None:
     if batch_size is None:

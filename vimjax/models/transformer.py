@@ -109,7 +109,7 @@ def _decoder_inputs(token_embedding, start, tokens, pos_table, is_step, position
   Returns:
     [b, l, dim] in dtype.
   """
-  b, l = tokens.shape
+  l = tokens.shape[1]
   if is_step:
     if l != 1:
       raise ValueError(f"A decode step takes tokens of shape [b, 1]; got {tokens.shape}.")
@@ -123,7 +123,6 @@ def _decoder_inputs(token_embedding, start, tokens, pos_table, is_step, position
     prev = token_embedding(tokens[:, :-1])
     x = jnp.concatenate([start[:, None, :].astype(prev.dtype), prev], axis=1)
     pos = pos_table[:l]
-  del b
   return (x + pos[None].astype(x.dtype)).astype(dtype)
 
 
@@ -267,7 +266,7 @@ class Parti(nn.Module):
       (encoded [b, L, dim] in dtype, encoder_mask [b, 1, 1, L] bool) where
       the mask is False at pad positions (all True for dropped rows).
     """
-    b, length = text_ids.shape
+    length = text_ids.shape[1]
     if length > self.max_text_length:
       raise ValueError(f"text length {length} exceeds max_text_length="
                        f"{self.max_text_length}.")
@@ -284,7 +283,6 @@ class Parti(nn.Module):
                               encoded.shape)
       encoded = jnp.where(drop, null, encoded)
       mask = jnp.logical_or(mask, drop_condition[:, None, None, None])
-    del b
     return encoded, mask
 
   def decode(self, encoded, encoder_mask, tokens, *, train: bool, decode: bool = False):
