@@ -108,6 +108,13 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   return P(*fitted)
 
 
+def unbox(tree: Any) -> Any:
+  """Strips `nn.Partitioned` boxes without adding sharding constraints."""
+  return jax.tree.map(
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+      tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   """Maps a tree that may hold `nn.Partitioned` boxes to NamedShardings.
 
@@ -116,7 +123,7 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   """
   specs = nn.get_partition_spec(abstract_tree)
   mesh_specs = nn.logical_to_mesh(specs, rules)
-  unboxed = nn.meta.unbox(abstract_tree)
+  unboxed = unbox(abstract_tree)
   return jax.tree.map(
       lambda spec, x: NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)),
       mesh_specs, unboxed, is_leaf=lambda s: isinstance(s, P))

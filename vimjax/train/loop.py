@@ -38,6 +38,8 @@ class Task:
       images being a [n, H, W, 3] grid-ready array in [0, 1].
     frozen: constant inputs of the steps (e.g. perceptual-net weights), or None.
     compute_dtype: the model's compute dtype, for the measured peak FLOP/s.
+    data_transforms: extra per-example grain maps (e.g. caption tokenization),
+      run in the data workers for the train and eval iterators.
   """
   init: Callable[..., Any]
   train_step: Callable[..., Any]
@@ -45,6 +47,7 @@ class Task:
   summarize_eval: Callable[..., Any]
   frozen: Any = None
   compute_dtype: str = "float32"
+  data_transforms: tuple = ()
 
 
 class _Sigterm:
@@ -64,13 +67,13 @@ def state_shardings(task: Task, mesh, rules, rng):
   """(abstract unboxed state, NamedShardings) from the params' logical names."""
   abstract = jax.eval_shape(task.init, rng)
   shardings = parallel.logical_to_shardings(abstract, mesh, rules)
-  return nn.meta.unbox(abstract), shardings
+  return parallel.unbox(abstract), shardings
 
 
 def create_sharded_state(task: Task, mesh, rules, rng):
   """Initialises the train state directly sharded (never gathered on one device)."""
   _, shardings = state_shardings(task, mesh, rules, rng)
-  init = jax.jit(lambda r: nn.meta.unbox(task.init(r)), out_shardings=shardings)
+  init = jax.jit(lambda r: parallel.unbox(task.init(r)), out_shardings=shardings)
   return init(rng), shardings
 
 
@@ -102,7 +105,7 @@ def evaluate(task: Task, eval_step, state, config, mesh) -> tuple[dict, Any]:
   """Runs `eval_step` over `config.num_eval_images` eval images; returns (metrics, images)."""
   iterator = pipeline.create_iterator(
       config.data, split="eval", global_batch_size=config.global_batch_size,
-      seed=config.seed, train=False)
+      seed=config.seed, train=False, transforms=task.data_transforms)
   outputs, seen = [], 0
   for host_batch in iterator:
     if seen >= config.num_eval_images:
@@ -169,7 +172,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, state_sh = create_sharded_state(task, mesh, rules, init_rng)
     train_iter = pipeline.create_iterator(
         config.data, split="train", global_batch_size=config.global_batch_size,
-        seed=config.seed, train=True)
+        seed=config.seed, train=True, transforms=task.data_transforms)
     ckpt = checkpoint.Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
                                    keep=config.keep_checkpoints)
     latest = ckpt.latest_step()

@@ -18,6 +18,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from vimjax import losses
+from vimjax import parallel
 from vimjax.evaluation import codebook as codebook_metrics
 from vimjax.evaluation import grid
 from vimjax.evaluation import image_metrics
@@ -244,8 +245,8 @@ def abstract_params(config) -> dict:
   rng = jax.random.key(0)
   generator = jax.eval_shape(
       lambda x: build_model(config).init({"params": rng}, x, train=False)["params"], images)
-  modules = dict(nn.meta.unbox(generator))
+  modules = dict(parallel.unbox(generator))
   if config.loss.adversarial_weight > 0:
-    modules["discriminator"] = nn.meta.unbox(jax.eval_shape(
+    modules["discriminator"] = parallel.unbox(jax.eval_shape(
         lambda x: build_discriminator(config).init({"params": rng}, x)["params"], images))
   return modules
