@@ -16,7 +16,7 @@ Stage 2 trains on pre-computed token ids: `data.source` and
 
   python -m vimjax.train --config=configs/parti.py:350m --workdir=gs://b/parti \
     --config.tokenizer_workdir=gs://b/vq_sl \
-    --config.data.source='array_record:gs://b/tokens/tokens-*.array_record' \
+    --config.data.source='array_record:gs://b/tokens/tokens-{split}-*.array_record' \
     --config.data.text_tokenizer=gs://b/spm16k.model
 """
 import ml_collections
@@ -32,7 +32,7 @@ SIZES = {
     "20b": (16, 64, 4096, 16384, 64),
 }
 VARIANTS = tuple(SIZES)
-TOKENS_PLACEHOLDER = "array_record:<dir>/tokens-*.array_record"
+TOKENS_PLACEHOLDER = "array_record:<dir>/tokens-{split}-*.array_record"
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:

@@ -15,7 +15,7 @@ the stage-1 tokenizer in `tokenizer_workdir`, e.g.
 
   python -m vimjax.train --config=configs/vim.py:large --workdir=gs://b/vim_l \
     --config.tokenizer_workdir=gs://b/vq_bb \
-    --config.data.source='array_record:gs://b/tokens/tokens-*.array_record'
+    --config.data.source='array_record:gs://b/tokens/tokens-{split}-*.array_record'
 """
 import ml_collections
 
@@ -28,7 +28,7 @@ SIZES = {
     "large": (36, 32, 2048, 8192),
 }
 VARIANTS = tuple(SIZES)
-TOKENS_PLACEHOLDER = "array_record:<dir>/tokens-*.array_record"
+TOKENS_PLACEHOLDER = "array_record:<dir>/tokens-{split}-*.array_record"
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:

@@ -10,8 +10,8 @@ from configs import vim as vim_config
 from configs import vitvqgan
 from vimjax import config_lib
 from vimjax.data import shapes
-from vimjax.models import transformer
 from vimjax.train import optimizers
+from vimjax.train import tasks
 
 FAMILIES = {"vim": vim_config, "parti": parti_config}
 ALL = [(name, v) for name, mod in FAMILIES.items() for v in mod.VARIANTS]
@@ -25,20 +25,8 @@ PAPER = {("vim", "base"): 650e6, ("vim", "large"): 1697e6, ("parti", "350m"): 35
 
 
 def build_model(config):
-  """The stage-2 model a config describes (as a training task would build it)."""
-  m = config.model
-  common = dict(vocab_size=m.codebook_size, grid_h=m.grid_size, grid_w=m.grid_size,
-                num_heads=m.num_heads, emb_dim=m.emb_dim, mlp_dim=m.mlp_dim,
-                dropout_rate=m.dropout_rate, scan_layers=m.scan_layers,
-                remat_policy=m.remat_policy, dtype=jnp.dtype(m.dtype),
-                param_dtype=jnp.dtype(m.param_dtype))
-  if config.task == "vim":
-    return transformer.VIM(num_layers=m.num_layers, num_classes=m.num_classes, **common)
-  kernel = m.conv_attention_kernel
-  return transformer.Parti(
-      text_vocab_size=m.text_vocab_size, max_text_length=m.max_text_length,
-      encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
-      conv_attention_kernel=None if kernel is None else tuple(kernel), **common)
+  """The stage-2 model a config describes, built by its training task."""
+  return tasks.TASKS[config.task].build_model(config)
 
 
 def abstract_params(config):

@@ -1,12 +1,15 @@
 """Config checks run before anything compiles: one-line errors naming key and value."""
+import json
 import os
 
 from vimjax import parallel
+from vimjax.data import text
 
 REQUIRED_KEYS = ("task", "seed", "total_steps", "global_batch_size", "log_every_steps",
                  "checkpoint_every_steps", "eval_every_steps", "mesh.data", "mesh.fsdp",
                  "mesh.tensor", "data.source", "data.image_size", "model", "optimizer")
-TASKS = ("tokenizer",)
+TASKS = ("tokenizer", "vim", "parti")
+STAGE2_TASKS = ("vim", "parti")
 
 
 def _get(config, dotted: str):
@@ -50,3 +53,35 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     if "://" not in path and not os.path.exists(path):
       raise ValueError(f"loss.perceptual_weights={path!r} does not exist "
                        "(make it with `python -m vimjax.convert_weights`).")
+  if config.task in STAGE2_TASKS:
+    _validate_stage2(config)
+
+
+def _validate_stage2(config) -> None:
+  """Token source, CFG rate, tokens metadata and (Parti) the text tokenizer."""
+  source = config.data.source
+  if "<dir>" in source:
+    raise ValueError(f"data.source={source!r} is a placeholder; point it at the shards of "
+                     "`python -m vimjax.encode`, e.g. "
+                     "'array_record:OUT/tokens-{split}-*.array_record'.")
+  if not 0.0 <= config.model.cfg_dropout <= 1.0:
+    raise ValueError(f"model.cfg_dropout={config.model.cfg_dropout} must be in [0, 1].")
+  kind, _, pattern = source.partition(":")
+  directory = os.path.dirname(pattern)
+  metadata = os.path.join(directory, "metadata.json")
+  if kind == "array_record" and "{split}" not in directory and os.path.exists(metadata):
+    with open(metadata) as f:
+      written = json.load(f)
+    for key in ("grid_size", "codebook_size"):
+      if written[key] != config.model[key]:
+        raise ValueError(f"model.{key}={config.model[key]} does not match the tokens in "
+                         f"{directory} ({key}={written[key]} in metadata.json); set "
+                         f"--config.model.{key}={written[key]}.")
+  if config.task == "parti":
+    path = config.data.text_tokenizer
+    if "<dir>" in path or ("://" not in path and not os.path.exists(path)):
+      raise ValueError(f"data.text_tokenizer={path!r} does not exist; {text.TRAIN_HINT}.")
+    vocab = text.TextTokenizer(path, config.model.max_text_length).vocab_size
+    if vocab > config.model.text_vocab_size:
+      raise ValueError(f"data.text_tokenizer={path!r} has {vocab} pieces, more than "
+                       f"model.text_vocab_size={config.model.text_vocab_size}.")

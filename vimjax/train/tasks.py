@@ -1,8 +1,10 @@
 """config.task -> the task's `build(config, mesh) -> loop.Task`."""
+from vimjax.train import parti
 from vimjax.train import tokenizer
+from vimjax.train import vim
 
 
-TASKS = {"tokenizer": tokenizer}
+TASKS = {"tokenizer": tokenizer, "vim": vim, "parti": parti}
 
 
 def _module(config):
