@@ -142,9 +142,12 @@ def evaluate_workdir(config, workdir: str) -> dict:
   return {**metrics, "step": step}
 
 
-def _metrics_collection(names):
-  return clu_metrics.Collection.create(
+def metrics_accumulator(names):
+  """(empty clu Collection of Averages, jitted accumulate): one dispatch per step."""
+  collection = clu_metrics.Collection.create(
       **{n: clu_metrics.Average.from_output(n) for n in names})
+  accumulate = jax.jit(lambda acc, m: acc.merge(collection.single_from_model_output(**m)))
+  return collection.empty(), accumulate
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -191,15 +194,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     sigterm = _Sigterm()
     result = {}
-    train_metrics, last_log, last_log_step = None, time.perf_counter(), start
+    metric_names = jax.eval_shape(step_fn, state, batch, step_rng, task.frozen)[1]
+    empty_metrics, accumulate = metrics_accumulator(metric_names)
+    train_metrics, last_log, last_log_step = empty_metrics, time.perf_counter(), start
     total_skipped = skipped
     for step in range(start + 1, config.total_steps + 1):
       if step > start + 1:
         batch, skipped = _device_batch(next(train_iter), mesh)
         total_skipped += skipped
       state, metrics = compiled(state, batch, jax.random.fold_in(step_rng, step), task.frozen)
-      update = _metrics_collection(metrics).single_from_model_output(**metrics)
-      train_metrics = update if train_metrics is None else train_metrics.merge(update)
+      train_metrics = accumulate(train_metrics, metrics)
 
       if step % config.log_every_steps == 0 or step == config.total_steps:
         scalars = {k: float(v) for k, v in train_metrics.compute().items()}
@@ -217,7 +221,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      config.total_steps, scalars.get("loss", float("nan")), steps_per_sec,
                      scalars["examples_per_sec"], 100 * scalars["mfu"])
         result.update(scalars)
-        train_metrics, last_log, last_log_step = None, time.perf_counter(), step
+        train_metrics, last_log, last_log_step = empty_metrics, time.perf_counter(), step
 
       if step % config.eval_every_steps == 0 or step == config.total_steps:
         eval_metrics, images = evaluate(task, eval_fn, state, config, mesh)

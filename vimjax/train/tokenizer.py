@@ -6,7 +6,6 @@ Decoder fine-tuning (`config.finetune_decoder_from`): the encoder and codebook
 of a trained tokenizer are loaded and frozen, only the decoder trains.
 """
 import functools
-import json
 import os
 
 from absl import logging
@@ -73,10 +72,6 @@ def load_generator_params(workdir: str) -> dict:
   return jax.tree.map(np.asarray, restored.state["params"]["generator"])
 
 
-def _select(pred, new, old):
-  return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
-
-
 def build(config, mesh) -> loop.Task:
   """Returns the tokenizer's pure init/step/eval functions."""
   del mesh  # Shardings come from logical names; nothing here is mesh-specific.
@@ -123,7 +118,7 @@ def build(config, mesh) -> loop.Task:
                "lecam_real": jnp.zeros((), jnp.float32),
                "lecam_fake": jnp.zeros((), jnp.float32)})
 
-  def generator_loss(g_params, d_params, lpips_params, images, rng, adv_on):
+  def generator_loss(g_params, d_params, lpips_params, images, rng, adversarial):
     decoded, aux = model.apply({"params": g_params}, images, train=True,
                                rngs={"dropout": rng})
     recon = decoded["image"]
@@ -141,10 +136,10 @@ def build(config, mesh) -> loop.Task:
     if lw.entropy_weight > 0:
       terms["entropy"] = losses.entropy_penalty(aux["similarity"], lw.entropy_temperature)
       total += lw.entropy_weight * terms["entropy"]
-    if use_adv:
+    if adversarial:
       terms["g_adversarial"] = losses.generator_adversarial_loss(
           disc.apply({"params": d_params}, recon))
-      total += jnp.where(adv_on, lw.adversarial_weight, 0.0) * terms["g_adversarial"]
+      total += lw.adversarial_weight * terms["g_adversarial"]
     terms["loss"] = total
     return total, (terms, recon, aux)
 
@@ -163,13 +158,13 @@ def build(config, mesh) -> loop.Task:
       total += lw.lecam_weight * terms["lecam"]
     return total, (terms, real_logits, fake_logits)
 
-  def train_step(state, batch, rng, lpips_params):
+  def step(state, batch, rng, lpips_params, adversarial: bool):
+    """One G (+ D when `adversarial`) update; `adversarial` is static."""
     images = batch["image"]
     g_rng, code_rng = jax.random.split(rng)
-    adv_on = state.step >= lw.adversarial_start_step
     g_params, d_params = state.params["generator"], state.params["discriminator"]
     (_, (metrics, recon, aux)), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(
-        g_params, d_params, lpips_params, images, g_rng, adv_on)
+        g_params, d_params, lpips_params, images, g_rng, adversarial)
     g_updates, g_opt = g_tx.update(g_grads, state.opt_state["generator"], g_params)
     new_g = optax.apply_updates(g_params, g_updates)
 
@@ -184,19 +179,19 @@ def build(config, mesh) -> loop.Task:
       new_g = {**new_g, "quantizer": {**new_g["quantizer"], "codebook": codebook}}
 
     params, opt_state = {**state.params, "generator": new_g}, {**state.opt_state, "generator": g_opt}
-    if use_adv:
+    if adversarial:
       (_, (d_terms, real_logits, fake_logits)), d_grads = jax.value_and_grad(
           discriminator_loss, has_aux=True)(d_params, images, recon, state.extra)
-      d_updates, d_opt = d_tx.update(d_grads, state.opt_state["discriminator"], d_params)
-      new_d = optax.apply_updates(d_params, d_updates)
-      # The discriminator starts learning with the adversarial loss.
-      params["discriminator"] = _select(adv_on, new_d, d_params)
-      opt_state["discriminator"] = _select(adv_on, d_opt, state.opt_state["discriminator"])
+      d_updates, opt_state["discriminator"] = d_tx.update(
+          d_grads, state.opt_state["discriminator"], d_params)
+      params["discriminator"] = optax.apply_updates(d_params, d_updates)
       if lw.lecam_weight > 0:
         extra["lecam_real"], extra["lecam_fake"] = losses.update_lecam_ema(
             extra["lecam_real"], extra["lecam_fake"], real_logits, fake_logits,
             lw.lecam_ema_decay)
       metrics.update(d_terms, d_grad_norm=optax.global_norm(d_grads))
+    elif use_adv:  # Same metric keys in both branches of the cond; 0 before the start.
+      metrics.update({k: jnp.zeros((), jnp.float32) for k in adversarial_metric_keys})
 
     ema_params = state.ema_params
     if ema_decay > 0:
@@ -213,6 +208,19 @@ def build(config, mesh) -> loop.Task:
                               ema_params=ema_params, extra=extra)
     return new_state, metrics
 
+  adversarial_metric_keys = ["g_adversarial", "d_loss", "d_real", "d_fake", "d_grad_norm"]
+  adversarial_metric_keys += ["r1"] * (lw.r1_gamma > 0) + ["lecam"] * (lw.lecam_weight > 0)
+
+  def train_step(state, batch, rng, lpips_params):
+    if not use_adv:
+      return step(state, batch, rng, lpips_params, adversarial=False)
+    # The discriminator and the adversarial loss start together; before that the
+    # cond skips their compute entirely (one compiled step for the whole run).
+    return jax.lax.cond(
+        state.step >= lw.adversarial_start_step,
+        functools.partial(step, adversarial=True), functools.partial(step, adversarial=False),
+        state, batch, rng, lpips_params)
+
   def eval_step(state, batch, lpips_params):
     del lpips_params
     params = state.ema_params["generator"] if ema_decay > 0 else state.params["generator"]
@@ -221,14 +229,18 @@ def build(config, mesh) -> loop.Task:
     recon = jnp.clip(decoded["image"], 0.0, 1.0)
     return {"psnr": image_metrics.psnr(recon, images), "ssim": image_metrics.ssim(recon, images),
             "l1": image_metrics.l1(recon, images), "l2": image_metrics.l2(recon, images),
-            "codes": aux["codes"], "originals": images[:8], "reconstructions": recon[:8]}
+            "codes": aux["codes"], "mask": batch["mask"],
+            "originals": images[:8], "reconstructions": recon[:8]}
 
   def summarize_eval(outputs):
+    # Eval batches are padded to whole global batches; padding rows have mask 0.
     stats = codebook_metrics.CodebookStats(num_codes(config))
     for out in outputs:
-      stats.update(out["codes"])
-    metrics = {k: float(np.mean(np.concatenate([o[k] for o in outputs])))
+      stats.update(out["codes"][out["mask"] > 0])
+    valid = np.concatenate([o["mask"] for o in outputs]) > 0
+    metrics = {k: float(np.mean(np.concatenate([o[k] for o in outputs])[valid]))
                for k in ("psnr", "ssim", "l1", "l2")}
+    metrics["num_images"] = int(valid.sum())
     metrics.update({k: float(v) for k, v in stats.result().items()})
     images = grid.side_by_side(outputs[0]["originals"], outputs[0]["reconstructions"])
     return metrics, images
