@@ -1,0 +1,245 @@
+r"""python -m vimjax.encode --tokenizer_workdir=/tmp/vq_tiny --output=/tmp/tokens_tiny
+
+Runs a trained, frozen ViT-VQGAN once over a dataset and writes its token ids
+as ArrayRecord shards for stage 2 (VIM, Parti):
+
+  OUTPUT/tokens-{split}-{shard:05d}-of-{n:05d}.array_record
+      records {"tokens": int32 [grid^2], "label": int32 [], "caption": str}
+  OUTPUT/metadata.json
+      grid_size, codebook_size, image_size, counts, tokenizer workdir and step
+
+The dataset, image size and batch size come from the tokenizer's saved config,
+overridable (typed by it) with --config.*, e.g. --config.data.source=tfds:imagenet2012
+--config.global_batch_size=1024. Point stage 2 at the output with
+--config.data.source='array_record:OUTPUT/tokens-{split}-*.array_record'.
+
+Each split is read once in order by the eval pipeline (center crops; padding
+rows dropped, corrupt images counted), batches are sharded over the mesh, and
+each JAX process writes its own shards. An OUTPUT that already holds shards is
+refused unless --overwrite. Final line: {"output": ..., "num_examples":
+{split: n}, "shards": k}.
+"""
+import argparse
+import glob
+import itertools
+import json
+import math
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vimjax import checkpoint
+from vimjax import parallel
+from vimjax import runtime
+from vimjax.data import pipeline
+from vimjax.data import sources
+from vimjax.train import tokenizer
+
+_TOKENIZER_WORKDIR = flags.DEFINE_string(
+    "tokenizer_workdir", None, "Workdir of a `python -m vimjax.train` tokenizer run.")
+_OUTPUT = flags.DEFINE_string("output", None, "Directory for the token shards.")
+_SPLITS = flags.DEFINE_list("splits", ["train", "eval"], "Splits to encode.")
+_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "Examples per split (0 = all).")
+_EXAMPLES_PER_SHARD = flags.DEFINE_integer("examples_per_shard", 100_000,
+                                           "At most this many records per shard file.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the shards already in --output.")
+
+SHARD_GLOB = "tokens-*.array_record"
+
+
+def load_tokenizer_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a tokenizer run saved in `workdir/config.json`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"--tokenizer_workdir={workdir!r} has no config.json; pass the workdir of "
+                     "a `python -m vimjax.train --config=configs/vitvqgan.py` run.")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.task != "tokenizer":
+    raise ValueError(f"--tokenizer_workdir={workdir!r} holds a {config.task!r} run; "
+                     "encode needs a 'tokenizer' run.")
+  return config
+
+
+def restore_generator(config, workdir: str, mesh, rules) -> tuple[dict, int]:
+  """(generator params sharded over `mesh`, step) of the latest checkpoint.
+
+  Only the generator's params (its EMA when optimizer.ema_decay > 0) are read,
+  with the current mesh's shardings; optimizer states and the discriminator stay
+  on disk.
+  """
+  model = tokenizer.build_model(config)
+  size = config.data.image_size
+  boxed = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.key(0)}, jnp.zeros((1, size, size, 3)), train=False)["params"])
+  abstract = checkpoint.abstract_with_shardings(
+      parallel.unbox(boxed), parallel.logical_to_shardings(boxed, mesh, rules))
+  group = "ema_params" if config.optimizer.ema_decay > 0 else "params"
+  item = {group: {"generator": abstract}}
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  step = manager.latest_step()
+  if step is None:
+    raise ValueError(f"--tokenizer_workdir={workdir!r} has no checkpoint under "
+                     f"{workdir}/checkpoints.")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))
+  manager.close()
+  logging.info("Restored the tokenizer's %s from %s step %d.", group, workdir, step)
+  return restored.state[group]["generator"], step
+
+
+def _sum_over_processes(values: dict[str, int]) -> dict[str, int]:
+  if jax.process_count() == 1:
+    return values
+  totals = multihost_utils.process_allgather(np.array(list(values.values()), np.int64))
+  return dict(zip(values, np.asarray(totals).sum(0).tolist()))
+
+
+def _records(iterator, encode, params, mesh, counts):
+  """Yields {"tokens", "label", "caption"} per real example, counting them."""
+  spec = parallel.batch_sharding(mesh).spec
+  for batch in iterator:
+    images = pipeline.to_global_batch({"image": batch["image"]}, mesh)["image"]
+    codes = multihost_utils.global_array_to_host_local_array(encode(params, images), mesh, spec)
+    codes = np.asarray(codes, np.int32)
+    counts["skipped"] += int(batch["num_skipped"].sum())
+    for i in np.flatnonzero(batch["mask"] > 0):
+      counts["examples"] += 1
+      yield {"tokens": codes[i], "label": np.int32(batch["label"][i]),
+             "caption": str(batch["caption"][i])}
+
+
+def encode_split(config, split: str, encode, params, mesh, output: str,
+                 examples_per_shard: int) -> dict:
+  """Encodes one split into this process's shards; returns global counts and shard names."""
+  data = config.data
+  num = data.num_train_examples if split == "train" else data.num_eval_examples
+  size = len(sources.make_source(data.source, split, image_size=data.image_size,
+                                 num_examples=int(num) or None))
+  # Same shard count on every process: sized for the process with the most rows.
+  per_process = math.ceil(size / jax.process_count())
+  k = max(1, math.ceil(per_process / examples_per_shard))
+  n = k * jax.process_count()
+  iterator = pipeline.create_iterator(data, split=split, global_batch_size=config.global_batch_size,
+                                      seed=config.seed, train=False)
+  counts = {"examples": 0, "skipped": 0}
+  records = _records(iterator, encode, params, mesh, counts)
+  written = []
+  for j in range(k):
+    first = next(records, None)
+    if first is None:  # Never an empty file.
+      break
+    name = f"tokens-{split}-{jax.process_index() * k + j:05d}-of-{n:05d}.array_record"
+    sources.write_array_record(os.path.join(output, name),
+                               itertools.chain([first],
+                                               itertools.islice(records, examples_per_shard - 1)))
+    written.append(name)
+  totals = _sum_over_processes({**counts, "shards": len(written)})
+  logging.info("Encoded %s: %d examples (%d corrupt skipped) into %d shards.", split,
+               totals["examples"], totals["skipped"], totals["shards"])
+  return totals
+
+
+def _prepare_output(output: str, overwrite: bool) -> None:
+  existing = sorted(glob.glob(os.path.join(output, SHARD_GLOB)))
+  metadata = os.path.join(output, "metadata.json")
+  if (existing or os.path.exists(metadata)) and not overwrite:
+    raise ValueError(f"--output={output!r} already holds {len(existing)} token shards; pass "
+                     "--overwrite to replace them.")
+  if jax.process_index() == 0:
+    os.makedirs(output, exist_ok=True)
+    for path in existing + ([metadata] if os.path.exists(metadata) else []):
+      os.remove(path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("vimjax.encode: output ready")
+
+
+def run(config, tokenizer_workdir: str, output: str, *, splits=("train", "eval"),
+        num_examples: int = 0, examples_per_shard: int = 100_000,
+        overwrite: bool = False) -> dict:
+  """Encodes `splits` of config.data with the tokenizer in `tokenizer_workdir`.
+
+  Args:
+    config: the tokenizer's config (load_tokenizer_config), possibly overridden.
+    tokenizer_workdir: the tokenizer run's workdir (checkpoints/).
+    output: directory for the shards and metadata.json.
+    splits: split names the data source understands.
+    num_examples: cap per split (0 = all).
+    examples_per_shard: records per shard file, at most.
+    overwrite: replace existing shards instead of refusing.
+
+  Returns:
+    {"output", "num_examples": {split: n}, "skipped": {split: n}, "shards": total}.
+  """
+  if examples_per_shard <= 0:
+    raise ValueError(f"--examples_per_shard={examples_per_shard} must be positive.")
+  config = ml_collections.ConfigDict(config.to_dict())
+  if num_examples:
+    config.data.num_train_examples = config.data.num_eval_examples = num_examples
+  mesh = parallel.create_mesh(config.mesh)
+  rules = parallel.rules_from_config(config.mesh)
+  # Not config_lib.validate: encoding needs no training-only inputs (perceptual weights).
+  multiple = math.lcm(parallel.data_parallel_size(mesh), jax.process_count())
+  if config.global_batch_size % multiple:
+    raise ValueError(f"global_batch_size={config.global_batch_size} is not a multiple of "
+                     f"{multiple} (data-parallel shards and processes); set "
+                     "--config.global_batch_size.")
+  _prepare_output(output, overwrite)
+  model = tokenizer.build_model(config)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params, step = restore_generator(config, tokenizer_workdir, mesh, rules)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    batch = parallel.batch_sharding(mesh)
+    encode = jax.jit(
+        lambda p, x: model.apply({"params": p}, x, train=False, method="encode")[1]["codes"],
+        in_shardings=(param_shardings, batch), out_shardings=batch)
+    totals = {split: encode_split(config, split, encode, params, mesh, output,
+                                  examples_per_shard) for split in splits}
+  result = {"output": output,
+            "num_examples": {s: t["examples"] for s, t in totals.items()},
+            "skipped": {s: t["skipped"] for s, t in totals.items()},
+            "shards": sum(t["shards"] for t in totals.values())}
+  if jax.process_index() == 0:
+    metadata = {**result, "grid_size": config.data.image_size // config.model.patch_size,
+                "codebook_size": tokenizer.num_codes(config),
+                "image_size": config.data.image_size, "source": config.data.source,
+                "tokenizer_workdir": os.path.abspath(tokenizer_workdir), "tokenizer_step": step}
+    with open(os.path.join(output, "metadata.json"), "w") as f:
+      json.dump(metadata, f, indent=2)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  runtime.initialize()
+  result = run(flags.FLAGS.config, _TOKENIZER_WORKDIR.value, _OUTPUT.value,
+               splits=tuple(_SPLITS.value), num_examples=_NUM_EXAMPLES.value,
+               examples_per_shard=_EXAMPLES_PER_SHARD.value, overwrite=_OVERWRITE.value)
+  runtime.emit_result(result, None, "encode_result")
+
+
+if __name__ == "__main__":
+  # --config.* overrides are typed by the saved config, so load it before flags parse.
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument("--tokenizer_workdir", required=True)
+  known, _ = parser.parse_known_args(sys.argv[1:])
+  try:
+    saved = load_tokenizer_config(known.tokenizer_workdir)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  config_flags.DEFINE_config_dict("config", saved)
+  flags.mark_flags_as_required(["tokenizer_workdir", "output"])
+  app.run(main)
