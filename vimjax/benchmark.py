@@ -1,0 +1,325 @@
+r"""python -m vimjax.benchmark --config=configs/parti.py:tiny [--mode=train|sample]
+
+Times a config on the devices at hand with synthetic inputs (no data, no
+checkpoint) and prints one final JSON line.
+
+  --mode=train   the task's real train step (sharded state, jitted once with
+                 donation), `--warmup` untimed then `--steps` timed steps:
+                 step_time_s, examples_per_sec, tokens_per_sec (image tokens for
+                 VIM/Parti, patches for the tokenizer), flops_per_step (model
+                 FLOPs, see below), peak_flops_per_device (config, known
+                 accelerator, else a measured matmul peak) and mfu.
+  --mode=sample  VIM/Parti with random-init params: KV-cache and uncached
+                 sampling of `--sample_batch_size` images with the same seed;
+                 sec_per_image_cached / _uncached, speedup, tokens_identical.
+
+Model FLOPs per step: XLA's cost analysis counts a `while` body once (so a
+scanned layer stack once, not num_layers times) and a `cond` as its costliest
+branch, and it counts remat recomputation. So flops_per_step is the cost
+analysis of the *lowered* (global, unpartitioned) step of a copy of the config
+with model.scan_layers=False and model.remat_policy="none": the model's FLOPs.
+`compiled_flops_per_device` is what the compiled, partitioned program reports
+(what the training loop's MFU uses). The tokenizer's step is a `cond` on the
+adversarial phase, so it is timed from `loss.adversarial_start_step` (the GAN
+phase, the costlier branch) unless --start_step says otherwise.
+
+Any config field can be overridden, e.g. a ~60M-param Parti:
+
+  python -m vimjax.benchmark --config=configs/parti.py:tiny --config.model.emb_dim=512 \
+    --config.model.mlp_dim=2048 --config.model.num_heads=8 \
+    --config.model.encoder_layers=8 --config.model.decoder_layers=8 \
+    --config.global_batch_size=8 --steps=3
+"""
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from vimjax import config_lib
+from vimjax import flops
+from vimjax import parallel
+from vimjax import runtime
+from vimjax import sampling
+from vimjax.data import pipeline
+from vimjax.data import shapes
+from vimjax.data import text
+from vimjax.train import loop
+from vimjax.train import tasks
+
+MODES = ("train", "sample")
+STAGE2 = ("vim", "parti")
+SYNTHETIC_SOURCE = "synthetic"  # Stands in for data.source: batches are made here.
+
+
+
+def tokens_per_example(config) -> int:
+  """Image tokens (stage 2) or patches (tokenizer) per example."""
+  if config.task in STAGE2:
+    return config.model.grid_size ** 2
+  return (config.data.image_size // config.model.patch_size) ** 2
+
+
+def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A host batch with the fields and shapes the task's train step reads.
+
+  Tokenizer: `image` float32 [b, S, S, 3] in [0, 1]. VIM: `tokens` int32
+  [b, n] in the codebook, `label` int32 [b]. Parti: `tokens`, `text_ids` int32
+  [b, max_text_length] (random pieces, EOS, padding), `text_truncated` [b].
+  All: `mask` int32 [b] of ones.
+  """
+  rs = np.random.RandomState(seed)
+  batch = {"mask": np.ones((batch_size,), np.int32)}
+  if config.task == "tokenizer":
+    size = config.data.image_size
+    batch["image"] = rs.uniform(size=(batch_size, size, size, 3)).astype(np.float32)
+    batch["label"] = np.zeros((batch_size,), np.int32)
+    return batch
+  m = config.model
+  batch["tokens"] = rs.randint(0, m.codebook_size, (batch_size, m.grid_size ** 2)).astype(np.int32)
+  if config.task == "vim":
+    batch["label"] = rs.randint(0, max(m.num_classes, 1), (batch_size,)).astype(np.int32)
+  else:
+    batch["text_ids"] = synthetic_text_ids(config, batch_size, rs)
+    batch["text_truncated"] = np.zeros((batch_size,), np.int32)
+  return batch
+
+
+def synthetic_text_ids(config, batch_size: int, rs: np.random.RandomState) -> np.ndarray:
+  """[b, max_text_length] int32: random non-special pieces, EOS, then PAD (lengths vary)."""
+  m = config.model
+  length = m.max_text_length
+  ids = rs.randint(text.UNK_ID + 1, m.text_vocab_size, (batch_size, length)).astype(np.int32)
+  ends = rs.randint(max(1, length // 2), length, (batch_size,))
+  positions = np.arange(length)[None]
+  ids = np.where(positions == ends[:, None], text.EOS_ID, ids)
+  return np.where(positions > ends[:, None], text.PAD_ID, ids).astype(np.int32)
+
+
+def _ensure_text_tokenizer(config) -> None:
+  """Parti's task loads a SentencePiece model; make a throwaway one if none is given."""
+  path = config.data.text_tokenizer
+  if "<dir>" not in path and ("://" in path or os.path.exists(path)):
+    return
+  directory = tempfile.mkdtemp(prefix="vimjax_benchmark_spm_")
+  captions = (shapes.caption_from_scene(shapes.sample_scene("train", i)) for i in range(2000))
+  trained = text.train_sentencepiece(captions, os.path.join(directory, "spm"),
+                                     min(config.model.text_vocab_size, 512))
+  logging.info("data.text_tokenizer=%r does not exist; using a throwaway shapes vocabulary "
+               "%s (%d pieces): text ids are synthetic anyway.", path, trained["model"],
+               trained["vocab_size"])
+  config.data.text_tokenizer = trained["model"]
+
+
+def prepare_config(config) -> None:
+  """Synthetic data stands in for data.source; checks the rest of the config."""
+  if config.task in STAGE2:
+    config.data.source = SYNTHETIC_SOURCE
+  if config.task == "parti":
+    _ensure_text_tokenizer(config)
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+
+
+def _global(batch: dict, mesh) -> dict:
+  return pipeline.to_global_batch(
+      {k: v[jax.process_index()::jax.process_count()] for k, v in batch.items()}, mesh)
+
+
+def _timed(fn, repeats: int) -> float:
+  """Mean seconds per call of `fn()` (which must return device arrays) over `repeats`."""
+  start = time.perf_counter()
+  out = None
+  for _ in range(repeats):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats
+
+
+def model_flops_per_step(config, host_batch: dict) -> float:
+  """Global model FLOPs of one train step (see the module docstring).
+
+  XLA's cost analysis of the lowered, unpartitioned step of a copy of `config`
+  whose layers are unrolled (a scanned stack would count once) and not
+  rematerialised (recomputation is not model work). Nothing is compiled.
+  """
+  flat = config.copy_and_resolve_references()
+  with flat.unlocked():
+    flat.model.scan_layers = False
+    flat.model.remat_policy = "none"
+  task = tasks.build(flat, None)
+  rng = jax.random.key(0)
+  state = parallel.unbox(jax.eval_shape(task.init, rng))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch.items()}
+  return flops.compiled_flops(jax.jit(task.train_step).lower(state, batch, rng, task.frozen))
+
+
+def _default_start_step(config) -> int:
+  """The tokenizer's GAN phase (the branch the cost analysis counts), else 0."""
+  if config.task == "tokenizer" and config.loss.adversarial_weight > 0:
+    return int(config.loss.adversarial_start_step)
+  return 0
+
+
+def benchmark_train(config, *, steps: int, warmup: int, start_step: int | None = None) -> dict:
+  """Times the task's compiled train step on a synthetic batch (see module docstring)."""
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
+  prepare_config(config)
+  start_step = _default_start_step(config) if start_step is None else start_step
+  # Measured outside the mesh context: the matmul runs on one device.
+  peak = flops.peak_flops_per_device(config.peak_flops_per_device, config.model.dtype)
+  host_batch = synthetic_batch(config, config.global_batch_size, config.seed)
+  model_flops = model_flops_per_step(config, host_batch)
+  mesh = parallel.create_mesh(config.mesh)
+  rules = parallel.rules_from_config(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    task = tasks.build(config, mesh)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    state, shardings = loop.create_sharded_state(task, mesh, rules, init_rng)
+    if start_step:
+      state = state.replace(step=jax.device_put(jnp.int32(start_step), shardings.step))
+    batch = _global(host_batch, mesh)
+    start = time.perf_counter()
+    compiled = loop.jit_train_step(task, shardings, mesh).lower(
+        state, batch, step_rng, task.frozen).compile()
+    compile_s = time.perf_counter() - start
+    for i in range(warmup):
+      state, _ = compiled(state, batch, jax.random.fold_in(step_rng, i), task.frozen)
+    jax.block_until_ready(state)
+
+    def run_steps():
+      nonlocal state
+      for i in range(steps):
+        state, metrics = compiled(state, batch, jax.random.fold_in(step_rng, warmup + i),
+                                  task.frozen)
+      return state, metrics
+
+    step_time = _timed(run_steps, 1) / steps
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  num_devices = jax.device_count()
+  examples_per_sec = config.global_batch_size / step_time
+  per_device = model_flops / num_devices
+  return {
+      "mode": "train", "task": config.task, "num_devices": num_devices,
+      "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
+      "global_batch_size": config.global_batch_size, "num_params": int(num_params),
+      "start_step": start_step, "steps": steps, "warmup": warmup, "compile_s": compile_s,
+      "step_time_s": step_time, "examples_per_sec": examples_per_sec,
+      "tokens_per_sec": examples_per_sec * tokens_per_example(config),
+      "flops_per_step": model_flops, "flops_per_step_per_device": per_device,
+      "compiled_flops_per_device": flops.compiled_flops(compiled),
+      "peak_flops_per_device": peak,
+      "mfu": per_device / step_time / peak if peak else 0.0,
+  }
+
+
+def _sampler(config, model, params, batch_size: int, mesh):
+  """(use_cache, rng) -> tokens [b, n] for the config's task and sampling defaults."""
+  s = config.sampling
+  rs = np.random.RandomState(config.seed)
+  dp = parallel.data_parallel_size(mesh)
+  sharding = parallel.batch_sharding(mesh) if batch_size % dp == 0 else parallel.replicated(mesh)
+  kwargs = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale)
+  if config.task == "vim":
+    labels = None
+    if model.num_classes:
+      labels = jax.device_put(rs.randint(0, model.num_classes, (batch_size,)).astype(np.int32),
+                              sharding)
+    else:
+      kwargs["cfg_scale"] = 1.0  # Guidance needs classes.
+    return lambda use_cache, rng: sampling.sample_vim(
+        model, params, labels, rng=rng, use_cache=use_cache, batch_size=batch_size, **kwargs)
+  text_ids = jax.device_put(synthetic_text_ids(config, batch_size, rs), sharding)
+  return lambda use_cache, rng: sampling.sample_parti(
+      model, params, text_ids, rng=rng, use_cache=use_cache, **kwargs)
+
+
+def benchmark_sample(config, *, repeats: int, batch_size: int) -> dict:
+  """Times KV-cache vs uncached sampling with random-init params and one seed."""
+  if config.task not in STAGE2:
+    raise ValueError(f"--mode=sample needs a vim or parti config; task={config.task!r}.")
+  if repeats < 1 or batch_size < 1:
+    raise ValueError(f"--steps={repeats} and --sample_batch_size={batch_size} must be >= 1.")
+  prepare_config(config)
+  mesh = parallel.create_mesh(config.mesh)
+  rules = parallel.rules_from_config(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    task = tasks.build(config, mesh)
+    state, _ = loop.create_sharded_state(task, mesh, rules, jax.random.key(config.seed))
+    params = state.params["model"]
+    del state  # Optimizer moments are not needed for sampling.
+    model = tasks.TASKS[config.task].build_model(config)
+    sample = _sampler(config, model, params, batch_size, mesh)
+    rng = jax.random.key(config.seed + 1)
+    result = {}
+    tokens = {}
+    for name, use_cache in (("cached", True), ("uncached", False)):
+      start = time.perf_counter()
+      tokens[name] = np.asarray(jax.device_get(sample(use_cache, rng)))  # Compiles.
+      result[f"first_call_s_{name}"] = time.perf_counter() - start
+      seconds = _timed(lambda use_cache=use_cache: sample(use_cache, rng), repeats)
+      result[f"sec_per_image_{name}"] = seconds / batch_size
+  identical = bool(np.array_equal(tokens["cached"], tokens["uncached"]))
+  if not identical:
+    logging.error("Cached and uncached sampling differ in %d of %d tokens.",
+                  int((tokens["cached"] != tokens["uncached"]).sum()), tokens["cached"].size)
+  return {
+      "mode": "sample", "task": config.task, "num_devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
+      "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+      "sample_batch_size": batch_size, "repeats": repeats,
+      "tokens_per_image": model.num_tokens, "cfg_scale": float(config.sampling.cfg_scale),
+      **result,
+      "speedup": result["sec_per_image_uncached"] / result["sec_per_image_cached"],
+      "tokens_identical": identical,
+  }
+
+
+def run(config, *, mode: str, steps: int, warmup: int, start_step: int | None = None,
+        sample_batch_size: int = 8) -> dict:
+  """The benchmark the flags describe; returns the result dict."""
+  if mode == "train":
+    return benchmark_train(config, steps=steps, warmup=warmup, start_step=start_step)
+  if mode == "sample":
+    return benchmark_sample(config, repeats=steps, batch_size=sample_batch_size)
+  raise ValueError(f"--mode={mode!r}; valid: {MODES}.")
+
+
+def _define_flags():
+  """Flags of the binary (defined only when run as a program: --config is shared)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].")
+  flags.DEFINE_enum("mode", "train", MODES, "What to time.")
+  flags.DEFINE_integer("steps", 10, "Timed train steps / sampling calls per path.")
+  flags.DEFINE_integer("warmup", 2, "Untimed train steps after compilation.")
+  flags.DEFINE_integer("start_step", None, "Train-state step counter to time from (default: "
+                       "the tokenizer's loss.adversarial_start_step when it has a GAN phase, "
+                       "else 0).")
+  flags.DEFINE_integer("sample_batch_size", 8, "Images per sampling call.")
+  flags.DEFINE_string("workdir", None, "If set, the result also goes to "
+                      "WORKDIR/benchmark_result.json.")
+  flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  runtime.initialize()
+  try:
+    result = run(f.config, mode=f.mode, steps=f.steps, warmup=f.warmup,
+                 start_step=f.start_step, sample_batch_size=f.sample_batch_size)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
+  runtime.emit_result(result, f.workdir, "benchmark_result")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
