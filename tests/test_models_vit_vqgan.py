@@ -53,10 +53,10 @@ def test_call_shapes_and_aux(tiny):
 def test_logit_laplace_mean_matches_numpy():
   assert vit_vqgan.LOGIT_LAPLACE_EPS == 0.1
   mu = np.linspace(-6, 6, 101, dtype=np.float32)
-  ref = np.clip((1 / (1 + np.exp(-mu.astype(np.float64))) - 0.1) / 0.8, 0, 1)
+  ref = (1 / (1 + np.exp(-mu.astype(np.float64))) - 0.1) / 0.8  # Not clipped: see the docstring.
   got = vit_vqgan.logit_laplace_mean(jnp.asarray(mu))
   np.testing.assert_allclose(got, ref, atol=1e-6)
-  assert float(got.min()) == 0.0 and float(got.max()) == 1.0
+  assert float(got.min()) < 0.0 and float(got.max()) > 1.0
 
 
 def test_param_tree_and_logical_names():

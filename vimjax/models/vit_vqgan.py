@@ -42,9 +42,14 @@ def _position_embedding(module, num_tokens, dim):
 
 
 def logit_laplace_mean(mu_logit):
-  """Image mean from logit-laplace logits: undo DALL-E's eps-shrink, clip to [0, 1]."""
+  """Image mean from logit-laplace logits: undo DALL-E's eps-shrink.
+
+  Not clipped to [0, 1] (range [-eps, 1 + eps] / (1 - 2 eps)): a clip would zero
+  the L2 loss's gradient wherever the mean overshoots, e.g. a shape predicted
+  black could never be pulled back up. Clip for display and metrics.
+  """
   eps = LOGIT_LAPLACE_EPS
-  return jnp.clip((jax.nn.sigmoid(mu_logit) - eps) / (1 - 2 * eps), 0.0, 1.0)
+  return (jax.nn.sigmoid(mu_logit) - eps) / (1 - 2 * eps)
 
 
 def unpatchify(x, patch_size: int):
