@@ -1,4 +1,4 @@
-"""Stage-2 tasks `vim` and `parti`: CFG dropout, loss/eval numerics, the real loop on token records."""
+"""Stage-2 tasks `vim` and `parti`: CFG dropout, loss/eval numerics, the loop on token records."""
 import json
 import math
 import os
@@ -178,7 +178,8 @@ def test_vim_train_and_eval_numerics_and_masking(data):
   assert metrics["perplexity"] == pytest.approx(math.exp(ref_loss), rel=1e-5)
   assert metrics["accuracy"] == pytest.approx(hits[valid].mean())
   # Masked (padding) rows do not count, whatever they hold.
-  garbage = {**batch, "tokens": batch["tokens"].at[4:].set(0), "label": batch["label"].at[4:].set(7)}
+  garbage = {**batch, "tokens": batch["tokens"].at[4:].set(0),
+             "label": batch["label"].at[4:].set(7)}
   again, _ = evaluate(garbage)
   assert again == pytest.approx(metrics)
 
@@ -246,9 +247,10 @@ def test_loop_trains_on_token_records(family, data, tmp_path):
   config = _config(family, data)
   result = loop.train_and_evaluate(config, str(tmp_path))
   assert result["step"] == config.total_steps
-  # A learnable pattern: held-out loss falls well below uniform guessing (ln 32 = 3.47).
+  # A learnable pattern: held-out loss falls far below uniform guessing (ln 32 = 3.47;
+  # measured ~0.1-0.3 after 24 steps).
   assert np.isfinite(result["loss"])
-  assert result["eval_loss"] < math.log(VOCAB) - 1.0, result
+  assert result["eval_loss"] < 1.0, result
   assert result["eval_bits_per_token"] == pytest.approx(result["eval_loss"] / math.log(2))
   assert result["eval_num_examples"] == 20
   assert 0.0 <= result["cfg_drop_fraction"] <= 0.5
