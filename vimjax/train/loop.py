@@ -168,6 +168,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = metric_writers.create_default_writer(
       os.path.join(workdir, "tb"), just_logging=jax.process_index() > 0)
 
+  # Measured (when not configured) on one device, outside the mesh context.
+  peak = flops.peak_flops_per_device(config.peak_flops_per_device, config.model.dtype)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     task = tasks.build(config, mesh)
     rng = jax.random.key(config.seed)
@@ -188,7 +190,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     batch, skipped = _device_batch(next(train_iter), mesh)
     compiled = step_fn.lower(state, batch, step_rng, task.frozen).compile()
     step_flops = flops.compiled_flops(compiled)
-    peak = flops.peak_flops_per_device(config.peak_flops_per_device, task.compute_dtype)
     memory = compiled.memory_analysis()
     logging.info("Compiled train step: %.3g FLOPs/device/step; memory %s.", step_flops, memory)
 
