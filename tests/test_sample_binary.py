@@ -1,0 +1,171 @@
+"""The sample binary end to end: tiny tokenizer + VIM / Parti trained by the real loop, then
+sampled, decoded and written (PNG grid, tokens .npy, JSON line); cached == uncached tokens."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import parti as parti_config
+from configs import vim as vim_config
+from configs import vitvqgan
+from vimjax import sample
+from vimjax.data import shapes
+from vimjax.data import sources
+from vimjax.data import text
+from vimjax.train import loop
+
+IMAGE, PATCH, CODES = 16, 4, 64
+GRID = IMAGE // PATCH
+TEXT_LEN = 24
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red circle at the center", "a small blue square at the top left and "
+           "a green triangle at the bottom right"]
+
+
+def _set(config, **overrides):
+  with config.unlocked():
+    for dotted, value in overrides.items():
+      node = config
+      *parents, leaf = dotted.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+def _common(total_steps=2):
+  return {"total_steps": total_steps, "global_batch_size": 8, "log_every_steps": total_steps,
+          "checkpoint_every_steps": total_steps, "eval_every_steps": total_steps,
+          "num_eval_images": 8, "peak_flops_per_device": 1e11, "data.num_train_examples": 16,
+          "data.num_eval_examples": 8}
+
+
+def _caption(i: int) -> str:
+  return shapes.caption_from_scene(shapes.sample_scene("train", i))
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  """Trains (2 steps each) a tiny tokenizer, a class-conditional VIM and a Parti."""
+  root = tmp_path_factory.mktemp("sample")
+  tok = _set(vitvqgan.get_config("tiny"), **_common(), **{
+      "data.image_size": IMAGE, "model.patch_size": PATCH, "model.codebook_size": CODES,
+      "model.lookup_dim": 8, "loss.adversarial_weight": 0.0})
+  for side in (tok.model.encoder, tok.model.decoder):
+    side.update(num_layers=1, num_heads=2, emb_dim=32, mlp_dim=64)
+  tok_dir = str(root / "tokenizer")
+  loop.train_and_evaluate(tok, tok_dir)
+
+  rs = np.random.RandomState(0)
+  records = lambda n, offset: [  # pylint: disable=g-long-lambda
+      {"tokens": rs.randint(0, CODES, (GRID * GRID,)).astype(np.int32),
+       "label": np.int32(shapes.scene_label(shapes.sample_scene("train", i))),
+       "caption": _caption(i)} for i in range(offset, offset + n)]
+  tokens = root / "tokens"
+  tokens.mkdir()
+  sources.write_array_record(str(tokens / "tokens-train-00000.array_record"), records(16, 0))
+  sources.write_array_record(str(tokens / "tokens-eval-00000.array_record"), records(8, 100))
+  spm = text.train_sentencepiece([_caption(i) for i in range(300)], str(root / "spm"), 256)
+
+  stage2 = {**_common(), "tokenizer_workdir": tok_dir,
+            "data.source": f"array_record:{tokens}/tokens-{{split}}-*.array_record",
+            "data.image_size": IMAGE, "model.grid_size": GRID, "model.codebook_size": CODES,
+            "model.emb_dim": 32, "model.mlp_dim": 64, "model.num_heads": 2}
+  vim = _set(vim_config.get_config("tiny"), **stage2, **{"model.num_layers": 1})
+  parti = _set(parti_config.get_config("tiny"), **stage2, **{
+      "model.encoder_layers": 1, "model.decoder_layers": 1, "model.max_text_length": TEXT_LEN,
+      "data.text_tokenizer": spm["model"]})
+  dirs = {"root": root, "tokenizer": tok_dir}
+  for name, config in (("vim", vim), ("parti", parti)):
+    dirs[name] = str(root / name)
+    loop.train_and_evaluate(config, dirs[name])
+  return dirs
+
+
+def _sample(workdir, **kwargs):
+  return sample.sample_from_workdir(sample.load_workdir_config(workdir), workdir, **kwargs)
+
+
+def test_parti_cached_equals_uncached_and_outputs(workdirs, tmp_path):
+  kwargs = dict(prompts=PROMPTS, num_samples=3, seed=7, temperature=1.0, top_k=0, top_p=1.0,
+                cfg_scale=1.5)
+  cached = _sample(workdirs["parti"], use_cache=True, **kwargs)
+  uncached = _sample(workdirs["parti"], use_cache=False, **kwargs)
+  np.testing.assert_array_equal(cached["tokens"], uncached["tokens"])
+  assert cached["tokens"].shape == (6, GRID * GRID) and cached["tokens"].dtype == np.int32
+  assert cached["tokens"].min() >= 0 and cached["tokens"].max() < CODES
+  assert cached["images"].shape == (6, IMAGE, IMAGE, 3)
+  assert 0.0 <= cached["images"].min() and cached["images"].max() <= 1.0
+  assert cached["captions"] == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+  assert 0.0 <= cached["prompt_adherence"] <= 1.0  # Both prompts are in the grammar.
+  # Another seed draws other tokens (the seed is honoured).
+  other = _sample(workdirs["parti"], use_cache=True, **{**kwargs, "seed": 8})
+  assert not np.array_equal(other["tokens"], cached["tokens"])
+
+  out = str(tmp_path / "grid.png")
+  summary = sample.write_outputs(cached, out)
+  assert summary["out"] == out and summary["tokens"] == str(tmp_path / "grid_tokens.npy")
+  np.testing.assert_array_equal(np.load(summary["tokens"]), cached["tokens"])
+  png = np.asarray(Image.open(out))
+  # 2 rows x 3 columns of 8x-upscaled 16 px tiles (128 px) plus captions and padding.
+  assert png.shape[1] == 2 + 3 * (128 + 2) and png.shape[0] > 2 + 2 * (128 + 2)
+  json.dumps(summary)  # The JSON line is serialisable.
+
+
+def test_vim_batches_and_class_captions(workdirs):
+  kwargs = dict(class_ids=[0, 7], num_samples=5, seed=3, temperature=1.0, top_k=8)
+  whole = _sample(workdirs["vim"], **kwargs)
+  # 10 images in calls of 2 -> rounded up to the 8-way data parallelism: 2 calls, padded.
+  batched = _sample(workdirs["vim"], batch_size=2, **kwargs)
+  assert whole["tokens"].shape == batched["tokens"].shape == (10, GRID * GRID)
+  np.testing.assert_array_equal(batched["tokens"][:8], whole["tokens"][:8])  # Call 0 = seed's.
+  assert whole["captions"] == [shapes.class_name(0)] * 5 + [shapes.class_name(7)] * 5
+  assert 0.0 <= whole["class_accuracy"] <= 1.0
+  uncached = _sample(workdirs["vim"], use_cache=False, **kwargs)
+  np.testing.assert_array_equal(whole["tokens"], uncached["tokens"])
+
+
+def test_bad_requests_fail_with_one_line_errors(workdirs, tmp_path):
+  with pytest.raises(ValueError, match="Parti needs prompts"):
+    _sample(workdirs["parti"])
+  with pytest.raises(ValueError, match=r"--class_id=18 out of range; valid: 0..17"):
+    _sample(workdirs["vim"], class_ids=[18])
+  with pytest.raises(ValueError, match="class-conditional"):
+    _sample(workdirs["vim"])
+  with pytest.raises(ValueError, match="has no config.json"):
+    sample.load_workdir_config(str(tmp_path / "missing"))
+  config = sample.load_workdir_config(workdirs["vim"])
+  config.tokenizer_workdir = str(tmp_path / "nope")
+  with pytest.raises(ValueError, match="tokenizer_workdir=.*does not exist"):
+    sample.sample_from_workdir(config, workdirs["vim"], class_ids=[0])
+  with pytest.raises(ValueError, match="sampling needs a stage-2 workdir"):
+    _sample(workdirs["tokenizer"])
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a red circle at the top\n\n  a blue square at the left \n")
+  assert sample.read_prompts(["x"], str(prompts)) == [
+      "x", "a red circle at the top", "a blue square at the left"]
+
+
+def test_binary_writes_png_tokens_and_json(workdirs, tmp_path):
+  out = tmp_path / "cli.png"
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("\n".join(PROMPTS) + "\n")
+  cmd = [sys.executable, "-m", "vimjax.sample", f"--workdir={workdirs['parti']}",
+         f"--prompts_file={prompts}", "--num_samples=2", "--seed=1", f"--out={out}",
+         "--config.sampling.top_k=4"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["out"] == str(out) and os.path.exists(out)
+  assert result["num_images"] == 4 and result["top_k"] == 4
+  assert np.load(result["tokens"]).shape == (4, GRID * GRID)
+  assert result["sec_per_image"] > 0 and 0.0 <= result["prompt_adherence"] <= 1.0
+
+  bad = subprocess.run(cmd[:4] + [f"--out={out}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert bad.returncode != 0
+  assert bad.stderr.strip().splitlines()[-1].startswith("error: Parti needs prompts")

@@ -1,0 +1,385 @@
+r"""python -m vimjax.sample --workdir=DIR --prompt="a red circle at the center" --out=grid.png
+
+Samples images from a trained stage-2 workdir (VIM or Parti) and decodes the
+tokens with the stage-1 tokenizer its config names (`tokenizer_workdir`).
+
+  Parti: --prompt="..." (repeatable) or --prompts_file=F (one prompt a line).
+  VIM:   --class_id=K (repeatable); none for an unconditional model.
+  Both:  --num_samples=N per prompt / class, --cfg_scale, --temperature,
+         --top_k, --top_p (defaults: the workdir's config.sampling), --seed,
+         --no_cache (the uncached reference path: same seed, same tokens),
+         --batch_size (images per sampling call, 0 = all), --warmup.
+
+Writes the PNG grid (one row per prompt / class when num_samples <= 16, each
+tile captioned with its prompt or class name), the token ids next to it as
+`<out stem>_tokens.npy` (int32 [num_conditions * num_samples, grid^2], grouped
+by condition) and prints a final JSON line {"out", "tokens", "num_images",
+"sec_per_image", ...}; for shapes prompts also `prompt_adherence` (the analytic
+checker of vimjax/data/shapes.py) and for VIM on shapes `class_accuracy`.
+
+Sampling runs sharded on the workdir's mesh (config.mesh; override with
+--config.mesh.*): only the params (EMA ones when optimizer.ema_decay > 0) are
+restored, straight into their shardings. `sec_per_image` includes compilation
+unless --warmup.
+"""
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from etils import epath
+import flax.linen as nn
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vimjax import checkpoint
+from vimjax import parallel
+from vimjax import runtime
+from vimjax import sampling
+from vimjax.data import shapes
+from vimjax.data import text
+from vimjax.evaluation import grid
+from vimjax.models import vit_vqgan
+from vimjax.train import loop
+from vimjax.train import tasks
+from vimjax.train import tokenizer as tokenizer_task
+
+STAGE2 = ("vim", "parti")
+MAX_GRID_COLUMNS = 16
+
+
+def load_workdir_config(workdir: str, flag: str = "--workdir") -> ml_collections.ConfigDict:
+  """The config a training run saved as WORKDIR/config.json."""
+  if not workdir:
+    raise ValueError(f"{flag} is required: a training workdir (it has config.json).")
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{flag}={workdir!r} has no config.json; pass the workdir of a "
+                     "`python -m vimjax.train` run.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+  """--prompt values then the non-blank lines of --prompts_file."""
+  prompts = [p for p in prompts if p.strip()]
+  if prompts_file:
+    path = epath.Path(prompts_file)
+    if not path.exists():
+      raise ValueError(f"--prompts_file={prompts_file!r} does not exist.")
+    prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  return prompts
+
+
+def restore_params(workdir: str, abstract, shardings, *, group: str, ema: bool):
+  """Restores only params[group] (or ema_params[group]) of the latest checkpoint.
+
+  Args:
+    workdir: a training workdir (checkpoints under WORKDIR/checkpoints).
+    abstract: the unboxed abstract params of that group.
+    shardings: matching NamedShardings; arrays are restored straight into them.
+    group: "model" (stage 2) or "generator" (tokenizer).
+    ema: restore the EMA params instead.
+  Returns:
+    (params, step).
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise ValueError(f"{workdir!r} has no checkpoints/ folder; train it first with "
+                     "`python -m vimjax.train`.")
+  manager = ocp.CheckpointManager(directory)
+  step = manager.latest_step()
+  if step is None:
+    manager.close()
+    raise ValueError(f"{workdir!r} has no checkpoint under {directory}.")
+  key = "ema_params" if ema else "params"
+  target = {key: {group: checkpoint.abstract_with_shardings(abstract, shardings)}}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)))
+  manager.close()
+  logging.info("Restored %s/%s of %s step %d.", key, group, workdir, step)
+  return restored.state[key][group], step
+
+
+def load_stage2_params(config, workdir: str, mesh, rules):
+  """(params sharded on `mesh`, step) of a VIM/Parti workdir's latest checkpoint."""
+  task = tasks.build(config, mesh)
+  abstract, shardings = loop.state_shardings(task, mesh, rules, jax.random.key(0))
+  ema = config.optimizer.ema_decay > 0
+  which = (lambda s: s.ema_params["model"]) if ema else (lambda s: s.params["model"])
+  return restore_params(workdir, which(abstract), which(shardings), group="model", ema=ema)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode_tokens(model: vit_vqgan.Model, params, tokens):
+  """tokens [b, n] int32 -> images [b, H, W, 3] float32 (the decoder's mean image)."""
+  return model.apply({"params": params}, tokens, method=vit_vqgan.Model.decode_codes)["image"]
+
+
+def load_tokenizer(tokenizer_workdir: str, mesh, rules):
+  """(tokenizer config, vit_vqgan.Model, generator params sharded on `mesh`)."""
+  tok_config = load_workdir_config(tokenizer_workdir, "tokenizer_workdir")
+  if tok_config.get("task") != "tokenizer":
+    raise ValueError(f"tokenizer_workdir={tokenizer_workdir!r} holds task="
+                     f"{tok_config.get('task')!r}; it must be a tokenizer workdir.")
+  model = tokenizer_task.build_model(tok_config)
+  size = tok_config.data.image_size
+  boxed = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32), train=False)["params"])
+  params, _ = restore_params(
+      tokenizer_workdir, parallel.unbox(boxed), parallel.logical_to_shardings(boxed, mesh, rules),
+      group="generator", ema=tok_config.optimizer.ema_decay > 0)
+  return tok_config, model, params
+
+
+def _check_compatible(config, model, tok_config, tok_model) -> None:
+  codes = tokenizer_task.num_codes(tok_config)
+  if config.model.codebook_size != codes:
+    raise ValueError(f"model.codebook_size={config.model.codebook_size} does not match the "
+                     f"tokenizer in {config.tokenizer_workdir!r} ({codes} codes).")
+  if model.num_tokens != tok_model.num_tokens:
+    raise ValueError(f"The model samples {model.num_tokens} tokens per image but the tokenizer "
+                     f"in {config.tokenizer_workdir!r} decodes {tok_model.num_tokens} "
+                     f"((image_size / patch_size)^2); check model.grid_size.")
+
+
+def _conditions(config, model, prompts, class_ids):
+  """(condition values, their captions) for the task; raises on a bad request."""
+  if config.task == "parti":
+    if class_ids:
+      raise ValueError(f"--class_id is for VIM; {config.task!r} takes --prompt / --prompts_file.")
+    if not prompts:
+      raise ValueError("Parti needs prompts: pass --prompt=\"...\" (repeatable) or "
+                       "--prompts_file=FILE (one prompt a line).")
+    return list(prompts), list(prompts)
+  if prompts:
+    raise ValueError("--prompt/--prompts_file are for Parti; VIM takes --class_id=K.")
+  if model.num_classes == 0:
+    if class_ids:
+      raise ValueError(f"--class_id={class_ids[0]}: this VIM is unconditional "
+                       "(model.num_classes=0); pass no --class_id.")
+    return [None], ["unconditional"]
+  if not class_ids:
+    raise ValueError(f"This VIM is class-conditional (model.num_classes={model.num_classes}): "
+                     f"pass --class_id=K with K in [0, {model.num_classes}).")
+  for k in class_ids:
+    if not 0 <= k < model.num_classes:
+      raise ValueError(f"--class_id={k} out of range; valid: 0..{model.num_classes - 1}.")
+  return list(class_ids), [_class_caption(config, k) for k in class_ids]
+
+
+def _is_shapes(config) -> bool:
+  """Whether the tokens come from the embedded shapes dataset (via the tokenizer's config)."""
+  if config.data.source == "shapes":
+    return True
+  path = os.path.join(config.tokenizer_workdir, "config.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("data", {}).get("source") == "shapes"
+
+
+def _class_caption(config, label: int) -> str:
+  if _is_shapes(config) and config.model.num_classes == shapes.NUM_CLASSES:
+    return shapes.class_name(label)
+  return f"class {label}"
+
+
+def _shapes_metrics(config, conditions, num_samples, images) -> dict:
+  """prompt_adherence (Parti, every prompt in the grammar) or class_accuracy (VIM)."""
+  if config.task == "parti":
+    try:
+      scenes = [shapes.parse_caption(p) for p in conditions]
+    except ValueError:
+      return {}
+    stacked = {k: np.repeat(np.stack([s[k] for s in scenes]), num_samples, axis=0)
+               for k in scenes[0]}
+    return {"prompt_adherence": float(np.mean(shapes.adherence(images, stacked)))}
+  if conditions == [None] or not _is_shapes(config):
+    return {}
+  labels = np.repeat(np.asarray(conditions), num_samples)
+  return {"class_accuracy": float(np.mean(shapes.classify_images(images) == labels))}
+
+
+def _host(x) -> np.ndarray:
+  """A (possibly multi-process) global array -> the whole thing as numpy."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_samples: int = 4,
+                        cfg_scale: float | None = None, temperature: float | None = None,
+                        top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                        use_cache: bool | None = None, batch_size: int = 0,
+                        warmup: bool = False) -> dict:
+  """Samples and decodes images from a VIM/Parti workdir.
+
+  Args:
+    config: the workdir's config (`load_workdir_config`, possibly overridden).
+    workdir: the stage-2 training workdir (latest checkpoint is used).
+    prompts: Parti prompts.
+    class_ids: VIM class ids (empty for an unconditional VIM).
+    num_samples: images per prompt / class.
+    cfg_scale, temperature, top_k, top_p: None = config.sampling's.
+    seed: sampling seed; call c of the batched loop uses fold_in(key(seed), c).
+    use_cache: KV-cache decoding (None = config.sampling.use_cache); False is
+      the uncached reference path, which gives the same tokens.
+    batch_size: images per sampling call (0 = all at once); rounded up to a
+      multiple of the data-parallel size.
+    warmup: compile with one untimed call first.
+  Returns:
+    dict: tokens int32 [N, n], images float32 [N, H, W, 3] in [0, 1],
+    captions (N str), conditions, num_samples, step, sec_per_image, timing and
+    sampling settings, and prompt_adherence / class_accuracy when they apply
+    (N = len(conditions) * num_samples, grouped by condition).
+  """
+  if config.get("task") not in STAGE2:
+    raise ValueError(f"--workdir={workdir!r} holds task={config.get('task')!r}; sampling "
+                     f"needs a stage-2 workdir (task one of {STAGE2}).")
+  if num_samples < 1:
+    raise ValueError(f"--num_samples={num_samples} must be >= 1.")
+  if not config.tokenizer_workdir or not os.path.isdir(config.tokenizer_workdir):
+    raise ValueError(f"tokenizer_workdir={config.tokenizer_workdir!r} (from {workdir!r}'s "
+                     "config) does not exist; pass --config.tokenizer_workdir=DIR.")
+  s = config.sampling
+  settings = dict(cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
+                  temperature=s.temperature if temperature is None else temperature,
+                  top_k=s.top_k if top_k is None else top_k,
+                  top_p=s.top_p if top_p is None else top_p)
+  use_cache = bool(s.use_cache if use_cache is None else use_cache)
+
+  model = tasks.TASKS[config.task].build_model(config)
+  conditions, captions = _conditions(config, model, list(prompts), list(class_ids))
+  mesh = parallel.create_mesh(config.mesh)
+  rules = parallel.rules_from_config(config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    tok_config, tok_model, tok_params = load_tokenizer(config.tokenizer_workdir, mesh, rules)
+    _check_compatible(config, model, tok_config, tok_model)
+    params, step = load_stage2_params(config, workdir, mesh, rules)
+    rows = [c for c in conditions for _ in range(num_samples)]
+    num_images = len(rows)
+    dp = parallel.data_parallel_size(mesh)
+    chunk = -(-(batch_size or num_images) // dp) * dp
+    num_chunks = -(-num_images // chunk)
+    padded = rows + [rows[-1]] * (num_chunks * chunk - num_images)
+    extra = {}
+    if config.task == "parti":
+      tokenizer = text.TextTokenizer(config.data.text_tokenizer, config.model.max_text_length)
+      inputs = tokenizer.encode(padded)[0]
+      extra["text_truncated"] = tokenizer.encode(conditions)[1]  # Prompts cut to fit.
+      sample = lambda x, rng: sampling.sample_parti(model, params, x, rng=rng,
+                                                    use_cache=use_cache, **settings)
+    else:
+      inputs = None if rows[0] is None else np.asarray(padded, np.int32)
+      sample = lambda x, rng: sampling.sample_vim(model, params, x, rng=rng, use_cache=use_cache,
+                                                  batch_size=chunk, **settings)
+    batch_sharding = parallel.batch_sharding(mesh)
+
+    def call(c):
+      x = None if inputs is None else jax.device_put(inputs[c * chunk:(c + 1) * chunk],
+                                                     batch_sharding)
+      return sample(x, jax.random.fold_in(jax.random.key(seed), c))
+
+    if warmup:
+      jax.block_until_ready(call(0))
+    start = time.perf_counter()
+    token_chunks = [call(c) for c in range(num_chunks)]
+    jax.block_until_ready(token_chunks)
+    sample_s = time.perf_counter() - start
+    start = time.perf_counter()
+    image_chunks = [decode_tokens(tok_model, tok_params, t) for t in token_chunks]
+    jax.block_until_ready(image_chunks)
+    decode_s = time.perf_counter() - start
+    tokens = np.concatenate([_host(t) for t in token_chunks])[:num_images].astype(np.int32)
+    images = np.concatenate([_host(x) for x in image_chunks])[:num_images]
+  images = np.clip(images.astype(np.float32), 0.0, 1.0)
+  result = {
+      "task": config.task, "step": int(step), "tokens": tokens, "images": images,
+      "captions": [c for c in captions for _ in range(num_samples)],
+      "conditions": conditions, "num_samples": num_samples, "num_images": num_images,
+      "use_cache": use_cache, "seed": seed, **settings, **extra,
+      "sample_s": sample_s, "decode_s": decode_s, "sec_per_image": sample_s / num_images,
+      "includes_compile": not warmup,
+  }
+  result.update(_shapes_metrics(config, conditions, num_samples, images))
+  return result
+
+
+def tokens_path(out: str) -> str:
+  """Where the token ids of the grid at `out` go: `<out stem>_tokens.npy`."""
+  return os.path.splitext(out)[0] + "_tokens.npy"
+
+
+def write_outputs(result: dict, out: str) -> dict:
+  """Writes the captioned PNG grid and the tokens .npy; returns the JSON summary."""
+  images, n = result["images"], result["num_samples"]
+  columns = n if n <= MAX_GRID_COLUMNS else min(8, result["num_images"])
+  if jax.process_index() == 0:
+    grid.write_image_grid(out, images, columns=columns, captions=result["captions"],
+                          upscale=max(1, 128 // images.shape[1]))
+    with epath.Path(tokens_path(out)).open("wb") as f:
+      np.save(f, result["tokens"])
+  summary = {k: v for k, v in result.items() if k not in ("tokens", "images", "captions")}
+  summary.update(out=out, tokens=tokens_path(out), tokens_shape=list(result["tokens"].shape))
+  return summary
+
+
+def _define_flags():
+  """Flags of the binary (defined only when run as a program: names like --workdir are shared)."""
+  flags.DEFINE_string("workdir", None, "A VIM or Parti training workdir.")
+  flags.DEFINE_multi_string("prompt", [], "Parti prompt (repeatable).")
+  flags.DEFINE_string("prompts_file", None, "Parti prompts, one a line.")
+  flags.DEFINE_multi_integer("class_id", [], "VIM class id (repeatable).")
+  flags.DEFINE_integer("num_samples", 4, "Images per prompt / class.")
+  flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.sampling).")
+  flags.DEFINE_float("temperature", None, "0 = greedy (default: config.sampling).")
+  flags.DEFINE_integer("top_k", None, "0 = off (default: config.sampling).")
+  flags.DEFINE_float("top_p", None, "1.0 = off (default: config.sampling).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_bool("no_cache", False, "Uncached reference decoding (same tokens, slower).")
+  flags.DEFINE_integer("batch_size", 0, "Images per sampling call (0 = all at once).")
+  flags.DEFINE_bool("warmup", False, "One untimed call first: sec_per_image without compile.")
+  flags.DEFINE_string("out", "samples.png", "PNG grid path; tokens go next to it.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  runtime.initialize()
+  try:
+    prompts = read_prompts(f.prompt, f.prompts_file)
+    result = sample_from_workdir(
+        f.config, f.workdir, prompts=prompts, class_ids=f.class_id, num_samples=f.num_samples,
+        cfg_scale=f.cfg_scale, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+        seed=f.seed, use_cache=not f.no_cache, batch_size=f.batch_size, warmup=f.warmup)
+    summary = write_outputs(result, f.out)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
+  runtime.emit_result(summary, None, "sample_result")
+
+
+if __name__ == "__main__":
+  # --config.* overrides are typed by the workdir's saved config: load it first.
+  _parser = argparse.ArgumentParser(add_help=False)
+  _parser.add_argument("--workdir", default=None)
+  _known, _ = _parser.parse_known_args(sys.argv[1:])
+  try:
+    _saved = load_workdir_config(_known.workdir)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  _define_flags()
+  config_flags.DEFINE_config_dict("config", _saved)
+  app.run(main)
