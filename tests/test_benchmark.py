@@ -1,4 +1,4 @@
-"""The benchmark binary: train mode (timings, model FLOPs, MFU) and sample mode (cached == uncached)."""
+"""The benchmark binary: train mode (timings, model FLOPs, MFU), sample mode (cached == uncached)."""
 import json
 import os
 import subprocess
