@@ -75,7 +75,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   enc, dec, dim, mlp, heads = SIZES[variant]
   c.model = ml_collections.ConfigDict(dict(
-      codebook_size=512 if tiny else 8192,  # = the tokenizer's codebook.
+      codebook_size=256 if tiny else 8192,  # = the tokenizer's codebook.
       grid_size=8 if tiny else 32,  # Tokens per side: image_size / tokenizer patch.
       # >= the SentencePiece model's vocabulary (shapes BPE: < 200 pieces).
       text_vocab_size=256 if tiny else 16_000,

@@ -66,7 +66,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   layers, heads, dim, mlp = SIZES[variant]
   c.model = ml_collections.ConfigDict(dict(
-      codebook_size=512 if tiny else 8192,  # = the tokenizer's codebook.
+      codebook_size=256 if tiny else 8192,  # = the tokenizer's codebook.
       grid_size=8 if tiny else 32,  # Tokens per side: image_size / tokenizer patch.
       num_classes=18 if tiny else 1000,  # 0 = unconditional.
       num_layers=layers,

@@ -46,14 +46,16 @@ from vimjax.data import pipeline
 from vimjax.data import sources
 from vimjax.train import tokenizer
 
-_TOKENIZER_WORKDIR = flags.DEFINE_string(
-    "tokenizer_workdir", None, "Workdir of a `python -m vimjax.train` tokenizer run.")
-_OUTPUT = flags.DEFINE_string("output", None, "Directory for the token shards.")
-_SPLITS = flags.DEFINE_list("splits", ["train", "eval"], "Splits to encode.")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 0, "Examples per split (0 = all).")
-_EXAMPLES_PER_SHARD = flags.DEFINE_integer("examples_per_shard", 100_000,
-                                           "At most this many records per shard file.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the shards already in --output.")
+def _define_flags():
+  """Flags of the binary (defined only when run as a program: demo.py imports this module)."""
+  flags.DEFINE_string("tokenizer_workdir", None,
+                      "Workdir of a `python -m vimjax.train` tokenizer run.")
+  flags.DEFINE_string("output", None, "Directory for the token shards.")
+  flags.DEFINE_list("splits", ["train", "eval"], "Splits to encode.")
+  flags.DEFINE_integer("num_examples", 0, "Examples per split (0 = all).")
+  flags.DEFINE_integer("examples_per_shard", 100_000, "At most this many records per shard file.")
+  flags.DEFINE_bool("overwrite", False, "Replace the shards already in --output.")
+
 
 SHARD_GLOB = "tokens-*.array_record"
 
@@ -224,10 +226,11 @@ def run(config, tokenizer_workdir: str, output: str, *, splits=("train", "eval")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
   runtime.initialize()
-  result = run(flags.FLAGS.config, _TOKENIZER_WORKDIR.value, _OUTPUT.value,
-               splits=tuple(_SPLITS.value), num_examples=_NUM_EXAMPLES.value,
-               examples_per_shard=_EXAMPLES_PER_SHARD.value, overwrite=_OVERWRITE.value)
+  result = run(f.config, f.tokenizer_workdir, f.output, splits=tuple(f.splits),
+               num_examples=f.num_examples, examples_per_shard=f.examples_per_shard,
+               overwrite=f.overwrite)
   runtime.emit_result(result, None, "encode_result")
 
 
@@ -240,6 +243,7 @@ if __name__ == "__main__":
     saved = load_tokenizer_config(known.tokenizer_workdir)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
+  _define_flags()
   config_flags.DEFINE_config_dict("config", saved)
   flags.mark_flags_as_required(["tokenizer_workdir", "output"])
   app.run(main)

@@ -18,16 +18,18 @@ from absl import flags
 from vimjax.data import sources
 from vimjax.data import text
 
-_SOURCE = flags.DEFINE_string("source", "shapes", "Data source spec, as for data.source.")
-_SPLIT = flags.DEFINE_string("split", "train", "Split to read captions from.")
-_NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 20000, "Read the first N examples; 0 = all "
-                                     "(shapes: its default size).")
-_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 16000, "Requested pieces (a soft limit).")
-_OUTPUT = flags.DEFINE_string("output", None, "Writes <output>.model and <output>.vocab.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing <output>.model.")
-_MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece type.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Passed to the source; images are unused, "
-                                   "so keep it small.")
+def _define_flags():
+  """Flags of the binary (defined only when run as a program: demo.py imports this module)."""
+  flags.DEFINE_string("source", "shapes", "Data source spec, as for data.source.")
+  flags.DEFINE_string("split", "train", "Split to read captions from.")
+  flags.DEFINE_integer("num_examples", 20000,
+                       "Read the first N examples; 0 = all (shapes: its default size).")
+  flags.DEFINE_integer("vocab_size", 16000, "Requested pieces (a soft limit).")
+  flags.DEFINE_string("output", None, "Writes <output>.model and <output>.vocab.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing <output>.model.")
+  flags.DEFINE_enum("model_type", "bpe", ["bpe", "unigram"], "SentencePiece type.")
+  flags.DEFINE_integer("image_size", 32,
+                       "Passed to the source; images are unused, so keep it small.")
 
 
 def _captions(source, spec: str) -> Iterator[Any]:
@@ -69,9 +71,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    result = run(_SOURCE.value, _SPLIT.value, _NUM_EXAMPLES.value, _VOCAB_SIZE.value,
-                 _OUTPUT.value, overwrite=_OVERWRITE.value, model_type=_MODEL_TYPE.value,
-                 image_size=_IMAGE_SIZE.value)
+    f = flags.FLAGS
+    result = run(f.source, f.split, f.num_examples, f.vocab_size, f.output,
+                 overwrite=f.overwrite, model_type=f.model_type, image_size=f.image_size)
   except (ValueError, FileExistsError) as e:
     raise SystemExit(f"error: {e}") from None
   # Printed directly, not via runtime.emit_result: that would initialise a jax backend.
@@ -79,5 +81,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["output"])
   app.run(main)
