@@ -143,21 +143,8 @@ def _timed(fn, repeats: int) -> float:
 
 
 def model_flops_per_step(config, host_batch: dict) -> float:
-  """Global model FLOPs of one train step (see the module docstring).
-
-  XLA's cost analysis of the lowered, unpartitioned step of a copy of `config`
-  whose layers are unrolled (a scanned stack would count once) and not
-  rematerialised (recomputation is not model work). Nothing is compiled.
-  """
-  flat = config.copy_and_resolve_references()
-  with flat.unlocked():
-    flat.model.scan_layers = False
-    flat.model.remat_policy = "none"
-  task = tasks.build(flat, None)
-  rng = jax.random.key(0)
-  state = parallel.unbox(jax.eval_shape(task.init, rng))
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch.items()}
-  return flops.compiled_flops(jax.jit(task.train_step).lower(state, batch, rng, task.frozen))
+  """Global model FLOPs of one train step: `flops.model_flops_per_step`."""
+  return flops.model_flops_per_step(config, host_batch)
 
 
 def _default_start_step(config) -> int:

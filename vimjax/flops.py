@@ -1,16 +1,25 @@
-"""FLOPs of compiled programs and device peaks, for MFU.
+"""Model FLOPs per train step, FLOPs of compiled programs, device peaks: for MFU.
 
-MFU = (FLOPs per step from XLA's cost analysis of the compiled, partitioned
-step, per device) x steps/s / (peak FLOP/s per device). The peak comes from the
-config, else from a table of known accelerators, else it is measured once with
-a large matmul on one device.
+MFU = (model FLOPs per step / devices) x steps/s / (peak FLOP/s per device).
+
+Model FLOPs (`model_flops_per_step`) are XLA's cost analysis of the *lowered*,
+global (unpartitioned) train step of a copy of the config whose layers are
+unrolled and not rematerialised. XLA's cost analysis of a compiled program counts
+a `while` body once (so a scanned stack of N layers counts as one layer) and it
+counts remat recomputation, so the compiled program's own count understates
+scanned models and overstates rematerialised ones. Nothing is compiled here.
+
+The peak comes from the config, else from a table of known accelerators, else
+it is measured once with a large matmul on one device.
 """
 import functools
 import time
+from typing import Any
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense bf16 peak FLOP/s per chip (vendor numbers).
 KNOWN_PEAKS = {
@@ -29,7 +38,7 @@ KNOWN_PEAKS = {
 
 
 def compiled_flops(compiled) -> float:
-  """FLOPs of one call of a compiled (per-device, partitioned) program; 0 if unknown."""
+  """FLOPs of one call of a compiled (per-device) or lowered (global) program; 0 if unknown."""
   try:
     analysis = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except
@@ -37,6 +46,54 @@ def compiled_flops(compiled) -> float:
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
   return float((analysis or {}).get("flops", 0.0))
+
+
+def train_batch_shapes(config, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Abstract global train batch of `config.task` (the fields its train step reads).
+
+  Tokenizer: `image` float32 [b, S, S, 3], `label` int32 [b]. VIM: `tokens` int32
+  [b, grid_size^2], `label` int32 [b]. Parti: `tokens`, `text_ids` int32
+  [b, max_text_length], `text_truncated` int32 [b]. All: `mask` int32 [b].
+  """
+  b = config.global_batch_size if batch_size is None else batch_size
+  spec = lambda shape, dtype=np.int32: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+  batch = {"mask": spec((b,))}
+  if config.task == "tokenizer":
+    size = config.data.image_size
+    return {**batch, "image": spec((b, size, size, 3), np.float32), "label": spec((b,))}
+  m = config.model
+  batch["tokens"] = spec((b, m.grid_size ** 2))
+  if config.task == "vim":
+    return {**batch, "label": spec((b,))}
+  return {**batch, "text_ids": spec((b, m.max_text_length)), "text_truncated": spec((b,))}
+
+
+def model_flops_per_step(config, batch: Any = None) -> float:
+  """Global model FLOPs of one train step of `config` (see the module docstring).
+
+  Args:
+    config: an experiment config (task, model, optimizer, ...). Parti's task
+      loads `data.text_tokenizer`, so that file must exist.
+    batch: the global train batch, {name: array or jax.ShapeDtypeStruct};
+      default `train_batch_shapes(config)`.
+  Returns:
+    FLOPs of the whole step over all devices (divide by the device count for
+    a per-device number). The tokenizer's step is a `cond` on the adversarial
+    phase; the costlier (GAN) branch is counted.
+  """
+  from vimjax import parallel  # pylint: disable=g-import-not-at-top
+  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top (tasks -> loop -> flops)
+  flat = config.copy_and_resolve_references()
+  with flat.unlocked():
+    flat.model.scan_layers = False
+    flat.model.remat_policy = "none"
+  task = tasks.build(flat, None)
+  rng = jax.random.key(0)
+  state = parallel.unbox(jax.eval_shape(task.init, rng))
+  if batch is None:
+    batch = train_batch_shapes(config)
+  batch = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in batch.items()}
+  return compiled_flops(jax.jit(task.train_step).lower(state, batch, rng, task.frozen))
 
 
 @functools.cache

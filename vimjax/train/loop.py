@@ -170,6 +170,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # Measured (when not configured) on one device, outside the mesh context.
   peak = flops.peak_flops_per_device(config.peak_flops_per_device, config.model.dtype)
+  # Model FLOPs of the unrolled, un-remat'ed step: XLA's count of the compiled
+  # step sees a scanned stack once (see flops.py), so MFU uses this instead.
+  model_flops = flops.model_flops_per_step(config)
+  step_flops = model_flops / jax.device_count()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     task = tasks.build(config, mesh)
     rng = jax.random.key(config.seed)
@@ -189,9 +193,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_fn = jit_eval_step(task, state_sh, mesh)
     batch, skipped = _device_batch(next(train_iter), mesh)
     compiled = step_fn.lower(state, batch, step_rng, task.frozen).compile()
-    step_flops = flops.compiled_flops(compiled)
+    compiled_flops = flops.compiled_flops(compiled)
     memory = compiled.memory_analysis()
-    logging.info("Compiled train step: %.3g FLOPs/device/step; memory %s.", step_flops, memory)
+    logging.info("Compiled train step: model %.3g FLOPs/device/step (compiled program: %.3g); "
+                 "memory %s.", step_flops, compiled_flops, memory)
 
     sigterm = _Sigterm()
     result = {}
@@ -242,7 +247,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         break
     ckpt.close()
     writer.flush()
-  result.update(step=int(jax.device_get(state.step)), flops_per_step=step_flops,
+  result.update(step=int(jax.device_get(state.step)), flops_per_step=model_flops,
+                flops_per_step_per_device=step_flops, compiled_flops_per_device=compiled_flops,
                 peak_flops_per_device=peak, preempted=sigterm.received)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "train_result.json"), "w") as f:
