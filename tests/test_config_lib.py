@@ -33,6 +33,8 @@ def test_tiny_config_is_valid_on_8_devices():
      "'/no/such.npz' does not exist"),
     ({"task": "gan"}, "task='gan'"),
     ({"total_steps": 0}, "total_steps=0"),
+    ({"model.quantizer": "vq"}, "model.quantizer='vq'; valid: \\('factorized', 'fsq'\\)"),
+    ({"model.quantizer": "fsq", "loss.entropy_weight": 0.1}, "entropy_weight=0.1 needs"),
 ])
 def test_bad_configs_fail_with_one_line(overrides, match):
   with pytest.raises(ValueError, match=match) as error:

@@ -53,8 +53,19 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     if "://" not in path and not os.path.exists(path):
       raise ValueError(f"loss.perceptual_weights={path!r} does not exist "
                        "(make it with `python -m vimjax.convert_weights`).")
+  if config.task == "tokenizer":
+    _validate_tokenizer(config)
   if config.task in STAGE2_TASKS:
     _validate_stage2(config)
+
+
+def _validate_tokenizer(config) -> None:
+  quantizers = ("factorized", "fsq")
+  if config.model.quantizer not in quantizers:
+    raise ValueError(f"model.quantizer={config.model.quantizer!r}; valid: {quantizers}.")
+  if config.model.quantizer == "fsq" and config.loss.entropy_weight > 0:
+    raise ValueError(f"loss.entropy_weight={config.loss.entropy_weight} needs "
+                     "model.quantizer='factorized' (FSQ has no code similarities); set it to 0.")
 
 
 def _validate_stage2(config) -> None:
