@@ -25,7 +25,8 @@ setuptools.setup(
         "pillow>=10,<14",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        # libtpu (via jax[tpu]) lets tests compile for TPU topologies on CPU (aot_compile).
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "jax[tpu]>=0.7,<0.13"],
         "tpu": ["jax[tpu]>=0.7,<0.13"],
         "gpu": ["jax[cuda12]>=0.7,<0.13"],
     },

@@ -1,0 +1,389 @@
+r"""python -m vimjax.aot_compile --config=configs/parti.py:20b --topology=v4:8x8x8
+
+Proof of fit without a TPU: compiles the real, sharded train step (and the
+KV-cache sampling call) ahead of time for a Cloud TPU slice described by
+libtpu (`jax.experimental.topologies`), with abstract inputs only, and prints a
+final JSON line:
+
+  {"fits": true|false, "topology", "chip", "num_chips", "num_hosts",
+   "hbm_bytes_per_chip", "mesh", "strategy", "global_batch_size", "num_params",
+   "train": {...}, "sample": {...}}
+
+where each mode holds the compiled program's per-chip memory
+(`argument_bytes`, `output_bytes`, `alias_bytes`, `temp_bytes`, `code_bytes`,
+`total_bytes` = argument + output - alias + temp + code, `hbm_fraction`,
+`fits`), `compile_s`, and for the train step `flops_per_step` (the model's
+FLOPs, `flops.model_flops_per_step`: XLA's cost analysis of a compiled program
+counts a scanned layer stack once), `estimated_step_time_s` and the implied
+`mfu` (model FLOPs / (step time x chips x peak bf16 FLOP/s per chip)). The exit
+code is 1 when a compiled program does not fit the chip's HBM.
+
+  --topology  v4:AxBxC | v5p:AxBxC | v5e:AxB | v6e:AxB (chips per dimension;
+              e.g. v4:8x8x8 = v4-1024, v5p:4x4x8, v5e:16x16, v6e:8x16)
+  --mode      train | sample | both (default; tokenizer configs: train only)
+  --sample_batch_size  images per sampling call (0 = the data-parallel size)
+  --hbm_gib   override the chip's HBM (e.g. to test a smaller budget)
+
+The step-time estimate is the TPU compiler's cost model (`cost_analysis()`
+"optimal_seconds"). It is only given for programs without loops: for a scanned
+layer stack (paper configs) the estimate is the unscanned program with 1 and 2
+layers per stack, extrapolated linearly to the real depth (`step_time_source`
+says which). The sampling call is a decode loop: no time estimate (null).
+
+The mesh, batch and everything else come from the config; override as usual,
+e.g. --config.mesh.fsdp=64 --config.mesh.tensor=8 --config.global_batch_size=2048.
+Runs on CPU (JAX_PLATFORMS=cpu is set unless given); libtpu must be installed
+(`pip install -e .[tpu]`).
+"""
+import dataclasses
+import os
+import re
+import tempfile
+import time
+
+# Compile-only use of libtpu: never probe for a local TPU, and allow other
+# processes (tests, a second aot_compile) to load libtpu at the same time.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+from jax.experimental import topologies
+import numpy as np
+from ml_collections import config_flags
+
+from vimjax import benchmark
+from vimjax import config_lib
+from vimjax import flops
+from vimjax import parallel
+from vimjax import runtime
+from vimjax import sampling
+from vimjax.models import perceptual
+from vimjax.train import loop
+from vimjax.train import tasks
+
+MODES = ("train", "sample", "both")
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """A TPU generation as libtpu names it, with its HBM per chip."""
+  libtpu_name: str  # Prefix of libtpu's topology name.
+  chip_config: str  # "megacore": one device per chip of two TensorCores.
+  dims: int  # Torus dimensions of a slice.
+  hbm_bytes: int
+
+
+CHIPS = {
+    "v4": Chip("v4", "megacore", 3, 32 * GIB),
+    "v5p": Chip("v5", "megacore", 3, 95 * GIB),
+    "v5e": Chip("v5e", "default", 2, 16 * GIB),
+    "v6e": Chip("v6e", "default", 2, 32 * GIB),
+}
+TOPOLOGY_FORMS = "v4:AxBxC, v5p:AxBxC, v5e:AxB or v6e:AxB (e.g. v4:8x8x8, v5e:16x16)"
+
+
+def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
+  """'v4:8x8x8' -> ('v4', (8, 8, 8)); a one-line ValueError names the valid forms."""
+  match = re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+)*)", topology.strip().lower())
+  if match:
+    chip, dims = match.group(1), tuple(int(d) for d in match.group(2).split("x"))
+    if len(dims) == CHIPS[chip].dims and all(d > 0 for d in dims):
+      return chip, dims
+  raise ValueError(f"--topology={topology!r} is not a TPU slice; valid: {TOPOLOGY_FORMS}.")
+
+
+def topology_devices(topology: str):
+  """(chip name, compile-only devices of every chip in the slice) from libtpu."""
+  chip, dims = parse_topology(topology)
+  spec = CHIPS[chip]
+  dims3 = dims + (1,) * (3 - len(dims))
+  # Hosts hold 2x2 chips (2x1 / 1x1 for the smallest slices); full tori wrap.
+  per_host = (min(dims3[0], 2), min(dims3[1], 2), 1)
+  if spec.dims == 3:
+    wrap = (all(d % 4 == 0 for d in dims),) * 3
+  else:
+    wrap = (dims == (16, 16),) * 2 + (False,)
+  try:
+    desc = topologies.get_topology_desc(
+        f"{spec.libtpu_name}:{'x'.join(map(str, dims))}", "tpu",
+        chip_config_name=spec.chip_config, chips_per_host_bounds=per_host,
+        num_slices=1, wrap=wrap)
+  except Exception as e:  # pylint: disable=broad-except (libtpu raises several kinds)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"libtpu rejected --topology={topology!r} ({first}); valid: "
+                     f"{TOPOLOGY_FORMS}, with slice sizes Cloud TPU offers.") from None
+  return chip, list(desc.devices)
+
+
+def _ensure_lpips_weights(config) -> None:
+  """The tokenizer's perceptual loss loads VGG weights: zeros stand in (same shapes)."""
+  if config.task != "tokenizer" or config.loss.perceptual_weight <= 0:
+    return
+  path = config.loss.perceptual_weights
+  if path and ("://" in path or os.path.exists(path)):
+    return
+  out = os.path.join(tempfile.mkdtemp(prefix="vimjax_aot_lpips_"), "lpips.npz")
+  np.savez(out, **{k: np.zeros(s, np.float32)
+                   for k, s in perceptual.expected_param_shapes().items()})
+  logging.info("loss.perceptual_weights=%r does not exist; zeros of the same shapes stand in "
+               "(%s): only shapes matter to the compiler.", path, out)
+  config.loss.perceptual_weights = out
+
+
+def prepare_config(config, num_devices: int, num_processes: int) -> None:
+  """Synthetic data and throwaway vocab/LPIPS files stand in; validates for the slice."""
+  if config.task in benchmark.STAGE2:
+    config.data.source = benchmark.SYNTHETIC_SOURCE
+  if config.task == "parti":
+    benchmark._ensure_text_tokenizer(config)  # pylint: disable=protected-access
+  _ensure_lpips_weights(config)
+  config_lib.validate(config, num_devices, num_processes)
+
+
+def strategy(config, mesh) -> str:
+  """One line: the parallelism and the memory savers in use."""
+  names = {"data": "DP", "fsdp": "FSDP", "tensor": "TP"}
+  parts = [f"{names[a]}{mesh.shape[a]}" for a in parallel.MESH_AXES if mesh.shape[a] > 1]
+  m = config.model
+  extras = [f"remat={m.remat_policy}"] + (["scan"] if m.scan_layers else [])
+  extras += [f"{m.dtype} compute", config.optimizer.name]
+  return " x ".join(parts or ["single chip"]) + "; " + ", ".join(extras)
+
+
+def memory(compiled, hbm_bytes: int) -> dict:
+  """Per-chip bytes of a compiled program against `hbm_bytes`."""
+  stats = compiled.memory_analysis()
+  out = {
+      "argument_bytes": int(stats.argument_size_in_bytes),
+      "output_bytes": int(stats.output_size_in_bytes),
+      "alias_bytes": int(stats.alias_size_in_bytes),
+      "temp_bytes": int(stats.temp_size_in_bytes),
+      "code_bytes": int(stats.generated_code_size_in_bytes),
+  }
+  # Donated state: outputs aliasing arguments occupy the same buffers.
+  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                        + out["temp_bytes"] + out["code_bytes"])
+  out["total_gib"] = out["total_bytes"] / GIB
+  out["hbm_fraction"] = out["total_bytes"] / hbm_bytes
+  out["fits"] = out["total_bytes"] <= hbm_bytes
+  return out
+
+
+def optimal_seconds(compiled) -> float | None:
+  """The TPU cost model's step time; None when it gives none (it does not for loops)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  seconds = (analysis or {}).get("optimal_seconds")
+  return float(seconds) if seconds is not None and seconds > 0 else None
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def _compile_train(config, devices):
+  """(compiled train step, abstract state, mesh, seconds) for `config` on `devices`."""
+  mesh = parallel.create_mesh(config.mesh, devices)
+  rules = parallel.rules_from_config(config.mesh)
+  # Built off-mesh: concrete constants must not be placed on compile-only devices.
+  task = tasks.build(config, mesh)
+  rng = jax.random.key(config.seed)
+  abstract_rng = jax.eval_shape(lambda: jax.random.key(0))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, shardings = loop.state_shardings(task, mesh, rules, rng)
+    step = loop.jit_train_step(task, shardings, mesh)
+    start = time.perf_counter()
+    compiled = step.lower(state, flops.train_batch_shapes(config), abstract_rng,
+                          _abstract(task.frozen)).compile()
+  return compiled, (state, shardings), mesh, time.perf_counter() - start
+
+
+LAYER_KEYS = {
+    "tokenizer": ("encoder.num_layers", "decoder.num_layers"),
+    "vim": ("num_layers",),
+    "parti": ("encoder_layers", "decoder_layers"),
+}
+
+
+def _with_layers(config, layers: dict[str, int]):
+  probe = config.copy_and_resolve_references()
+  with probe.unlocked():
+    probe.model.scan_layers = False
+    for key, n in layers.items():
+      node = probe.model
+      *path, last = key.split(".")
+      for part in path:
+        node = node[part]
+      node[last] = n
+  return probe
+
+
+def _depth(config, key: str) -> int:
+  node = config.model
+  for part in key.split("."):
+    node = node[part]
+  return int(node)
+
+
+def estimate_step_time(config, devices, compiled) -> tuple[float | None, str]:
+  """(seconds, source): the cost model's time of the train step, see the docstring."""
+  if not config.model.scan_layers:
+    seconds = optimal_seconds(compiled)
+    return seconds, "compiler" if seconds else "unavailable"
+  keys = LAYER_KEYS[config.task]
+  base_layers = {k: 1 for k in keys}
+  base = optimal_seconds(_compile_train(_with_layers(config, base_layers), devices)[0])
+  if base is None:
+    return None, "unavailable"
+  total = base
+  for key in keys:
+    two = optimal_seconds(_compile_train(
+        _with_layers(config, {**base_layers, key: 2}), devices)[0])
+    if two is None:
+      return None, "unavailable"
+    total += (_depth(config, key) - 1) * (two - base)
+  return total, "compiler, unscanned 1-2 layer probes extrapolated"
+
+
+def aot_train(config, devices, hbm_bytes: int, peak: float, estimate: bool) -> dict:
+  """Compiles the train step on the slice; memory, FLOPs, estimated time and MFU."""
+  compiled, (state, _), mesh, compile_s = _compile_train(config, devices)
+  logging.info("Compiled the train step in %.1f s.", compile_s)
+  model_flops = flops.model_flops_per_step(config)
+  seconds, source = (estimate_step_time(config, devices, compiled) if estimate
+                     else (None, "not requested"))
+  chips = len(devices)
+  return {
+      "compile_s": compile_s,
+      **memory(compiled, hbm_bytes),
+      "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+      "flops_per_step": model_flops,
+      "flops_per_step_per_chip": model_flops / chips,
+      "compiled_flops_per_chip": flops.compiled_flops(compiled),
+      "estimated_step_time_s": seconds,
+      "step_time_source": source,
+      "mfu": model_flops / (seconds * chips * peak) if seconds else None,
+      "mesh": dict(mesh.shape),
+  }
+
+
+def aot_sample(config, devices, hbm_bytes: int, batch_size: int) -> dict:
+  """Compiles one sampling call (KV cache, the config's sampling settings) on the slice."""
+  mesh = parallel.create_mesh(config.mesh, devices)
+  rules = parallel.rules_from_config(config.mesh)
+  dp = parallel.data_parallel_size(mesh)
+  batch_size = batch_size or dp
+  task = tasks.build(config, mesh)
+  model = tasks.TASKS[config.task].build_model(config)
+  s = config.sampling
+  kwargs = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                cfg_scale=s.cfg_scale, use_cache=s.use_cache)
+  if config.task == "vim":
+    if not model.num_classes:
+      kwargs["cfg_scale"] = 1.0  # Guidance needs classes.
+    cond = jax.ShapeDtypeStruct((batch_size,), np.int32)
+    sample = lambda params, labels, rng: sampling.sample_vim(
+        model, params, labels if model.num_classes else None, rng=rng,
+        batch_size=batch_size, **kwargs)
+  else:
+    cond = jax.ShapeDtypeStruct((batch_size, model.max_text_length), np.int32)
+    sample = lambda params, text_ids, rng: sampling.sample_parti(
+        model, params, text_ids, rng=rng, **kwargs)
+  rng = jax.random.key(config.seed)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, shardings = loop.state_shardings(task, mesh, rules, rng)
+    repl = parallel.replicated(mesh)
+    cond_sharding = parallel.batch_sharding(mesh) if batch_size % dp == 0 else repl
+    fn = jax.jit(sample, in_shardings=(shardings.params["model"], cond_sharding, repl))
+    start = time.perf_counter()
+    compiled = fn.lower(state.params["model"], cond,
+                        jax.eval_shape(lambda: jax.random.key(0))).compile()
+  compile_s = time.perf_counter() - start
+  logging.info("Compiled the sampling call in %.1f s.", compile_s)
+  return {
+      "compile_s": compile_s, **memory(compiled, hbm_bytes),
+      "sample_batch_size": batch_size, "tokens_per_image": model.num_tokens,
+      "cfg_scale": float(kwargs["cfg_scale"]), "use_cache": bool(kwargs["use_cache"]),
+      "estimated_step_time_s": None,
+      "step_time_source": "unavailable (decode loop: the cost model gives no time for loops)",
+  }
+
+
+def run(config, *, topology: str, mode: str = "both", sample_batch_size: int = 0,
+        hbm_gib: float = 0.0, estimate_step_time_: bool = True) -> dict:
+  """The proof of fit the flags describe; returns the result dict (see the docstring)."""
+  if mode not in MODES:
+    raise ValueError(f"--mode={mode!r}; valid: {MODES}.")
+  if mode == "sample" and config.task not in benchmark.STAGE2:
+    raise ValueError(f"--mode=sample needs a vim or parti config; task={config.task!r}.")
+  if sample_batch_size < 0 or hbm_gib < 0:
+    raise ValueError(f"--sample_batch_size={sample_batch_size} and --hbm_gib={hbm_gib} "
+                     "must be >= 0.")
+  chip, devices = topology_devices(topology)
+  num_hosts = len({d.process_index for d in devices})
+  prepare_config(config, len(devices), num_hosts)
+  hbm_bytes = int(hbm_gib * GIB) if hbm_gib else CHIPS[chip].hbm_bytes
+  kind = devices[0].device_kind
+  peak = config.peak_flops_per_device or flops.KNOWN_PEAKS[kind]
+  mesh = parallel.create_mesh(config.mesh, devices)
+  result = {
+      "topology": topology, "chip": chip, "device_kind": kind, "num_chips": len(devices),
+      "num_hosts": num_hosts, "hbm_bytes_per_chip": hbm_bytes,
+      "peak_flops_per_chip": peak, "task": config.task, "mesh": dict(mesh.shape),
+      "strategy": strategy(config, mesh), "global_batch_size": config.global_batch_size,
+  }
+  modes = [m for m in ("train", "sample") if mode in (m, "both")]
+  if config.task not in benchmark.STAGE2:
+    modes = [m for m in modes if m == "train"]
+  if "train" in modes:
+    result["train"] = aot_train(config, devices, hbm_bytes, peak, estimate_step_time_)
+    result["num_params"] = result["train"]["num_params"]
+  if "sample" in modes:
+    result["sample"] = aot_sample(config, devices, hbm_bytes, sample_batch_size)
+  result["fits"] = all(result[m]["fits"] for m in modes)
+  return result
+
+
+def _define_flags():
+  """Flags of the binary (defined only when run as a program: --config is shared)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].")
+  flags.DEFINE_string("topology", None, f"TPU slice: {TOPOLOGY_FORMS}.")
+  flags.DEFINE_enum("mode", "both", MODES, "What to compile (tokenizer configs: train).")
+  flags.DEFINE_integer("sample_batch_size", 0, "Images per sampling call "
+                       "(0 = the mesh's data-parallel size).")
+  flags.DEFINE_float("hbm_gib", 0.0, "HBM per chip in GiB (0 = the chip's: "
+                     + ", ".join(f"{k} {v.hbm_bytes // GIB}" for k, v in CHIPS.items()) + ").")
+  flags.DEFINE_bool("estimate_step_time", True, "Also compile the small unscanned probes "
+                    "that give a scanned model's estimated step time.")
+  flags.DEFINE_string("workdir", None, "If set, the result also goes to "
+                      "WORKDIR/aot_compile_result.json.")
+  flags.mark_flags_as_required(["config", "topology"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  try:
+    result = run(f.config, topology=f.topology, mode=f.mode,
+                 sample_batch_size=f.sample_batch_size, hbm_gib=f.hbm_gib,
+                 estimate_step_time_=f.estimate_step_time)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
+  runtime.emit_result(result, f.workdir, "aot_compile_result")
+  if not result["fits"]:
+    raise SystemExit(1)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
