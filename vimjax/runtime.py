@@ -8,19 +8,58 @@ from absl import logging
 import jax
 
 COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for multi-process runs.")
-NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+    "coordinator_address", None, "host:port of process 0 for multi-process runs "
+    "(default: $JAX_COORDINATOR_ADDRESS).")
+NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in a multi-process run (default: $JAX_NUM_PROCESSES).")
+PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index (default: $JAX_PROCESS_ID).")
 DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with auto-detection "
-    "(Cloud TPU, SLURM) even without --coordinator_address.")
+    "(Cloud TPU, SLURM, Open MPI) even without --coordinator_address.")
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value is None or value == "":
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"${name}={value!r} must be an integer.") from None
+
+
+def distributed_args() -> dict | None:
+  """jax.distributed.initialize kwargs from flags, then environment; None = single process.
+
+  A run is multi-process when --coordinator_address (or $JAX_COORDINATOR_ADDRESS)
+  is set, or --distributed asks jax to auto-detect the cluster (Cloud TPU, SLURM,
+  Open MPI); whatever stays None is auto-detected by jax.
+  """
+  coordinator = COORDINATOR.value or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  if not (coordinator or DISTRIBUTED.value):
+    return None
+  num_processes = NUM_PROCESSES.value
+  if num_processes is None:
+    num_processes = _env_int("JAX_NUM_PROCESSES")
+  process_id = PROCESS_ID.value
+  if process_id is None:
+    process_id = _env_int("JAX_PROCESS_ID")
+  return dict(coordinator_address=coordinator, num_processes=num_processes,
+              process_id=process_id)
 
 
 def initialize() -> None:
   """jax.distributed start-up when asked, then logs the process and device layout."""
-  if COORDINATOR.value or DISTRIBUTED.value:
-    jax.distributed.initialize(coordinator_address=COORDINATOR.value,
-                               num_processes=NUM_PROCESSES.value, process_id=PROCESS_ID.value)
+  args = distributed_args()
+  if args is not None:
+    # Cross-process collectives on CPU (the loopback stand-in pod) need gloo;
+    # the setting is ignored by TPU and GPU backends.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    logging.info("jax.distributed.initialize(%s)",
+                 ", ".join(f"{k}={v}" for k, v in args.items() if v is not None)
+                 or "auto-detect")
+    jax.distributed.initialize(**args)
   logging.info("Process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)

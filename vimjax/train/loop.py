@@ -89,8 +89,11 @@ def jit_train_step(task: Task, state_shardings, mesh):
 
 def jit_eval_step(task: Task, state_shardings, mesh):
   repl = parallel.replicated(mesh)
+  # Replicated outputs: every process can fetch the whole eval batch (per-example
+  # arrays sharded over processes are not addressable by device_get).
   return jax.jit(task.eval_step,
-                 in_shardings=(state_shardings, parallel.batch_sharding(mesh), repl))
+                 in_shardings=(state_shardings, parallel.batch_sharding(mesh), repl),
+                 out_shardings=repl)
 
 
 def _device_batch(host_batch: dict, mesh) -> tuple[dict, int]:
@@ -198,7 +201,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("Compiled train step: model %.3g FLOPs/device/step (compiled program: %.3g); "
                  "memory %s.", step_flops, compiled_flops, memory)
 
-    sigterm = _Sigterm()
+    # One process: our SIGTERM flag. Several: a per-process flag could stop them at
+    # different steps (a collective deadlock), so rely on jax's preemption service
+    # (started by jax.distributed.initialize; it catches SIGTERM itself) to agree on
+    # one step for all processes.
+    sigterm = _Sigterm() if jax.process_count() == 1 else None
+    preempted = False
     result = {}
     metric_names = jax.eval_shape(step_fn, state, batch, step_rng, task.frozen)[1]
     empty_metrics, accumulate = metrics_accumulator(metric_names)
@@ -240,7 +248,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
         last_log = time.perf_counter()  # Do not count eval time as training time.
 
-      preempted = sigterm.received or (jax.process_count() > 1 and ckpt.reached_preemption(step))
+      preempted = sigterm.received if sigterm is not None else ckpt.reached_preemption(step)
       if ckpt.should_save(step) or step == config.total_steps or preempted:
         ckpt.save(step, state, train_iter, config)
       if preempted:
@@ -249,7 +257,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.flush()
   result.update(step=int(jax.device_get(state.step)), flops_per_step=model_flops,
                 flops_per_step_per_device=step_flops, compiled_flops_per_device=compiled_flops,
-                peak_flops_per_device=peak, preempted=sigterm.received)
+                peak_flops_per_device=peak, preempted=preempted)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "train_result.json"), "w") as f:
       json.dump(result, f, indent=2)
