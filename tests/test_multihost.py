@@ -15,6 +15,7 @@ import sys
 import time
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_file_loader
@@ -199,3 +200,42 @@ def test_two_processes_match_one_then_preempt_and_resume(source, reference, tmp_
   config = _config(source)
   pod_state, ref_state = _restore(workdir, STEPS, config), _restore(ref_dir, STEPS, config)
   assert _relative_diff(ref_state.params, pod_state.params) < 1e-5
+
+
+def _kernel(state):
+  return state.params["model"]["decoder"]["layers_0"]["mlp"]["wi"]["kernel"]  # [32, 64]
+
+
+def test_checkpoint_restores_on_other_meshes(source, reference, tmp_path):
+  ref_dir, ref_result = reference
+  # The reference's step-2 checkpoint (saved on fsdp=8), alone in a new workdir,
+  # resumed on data=2 x fsdp=2 x tensor=2 to the end.
+  workdir = tmp_path / "remesh"
+  shutil.copytree(os.path.join(ref_dir, "checkpoints", "2"), workdir / "checkpoints" / "2")
+  mesh222 = _config(source, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  result = loop.train_and_evaluate(mesh222, str(workdir))
+  assert result["step"] == STEPS
+  losses, ref = _losses(str(workdir)), _losses(ref_dir)
+  assert sorted(losses) == [3, 4]
+  np.testing.assert_allclose([losses[3], losses[4]], [ref[3], ref[4]], rtol=1e-5)
+  np.testing.assert_allclose(result["eval_loss"], ref_result["eval_loss"], rtol=1e-5)
+
+  final, ref_final = _restore(str(workdir), STEPS, mesh222), _restore(ref_dir, STEPS, _config(source))
+  assert _relative_diff(ref_final.params, final.params) < 1e-5
+  assert dict(_kernel(final).sharding.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert _kernel(final).sharding.spec == P("fsdp", "tensor")
+  assert _kernel(final).addressable_shards[0].data.shape == (16, 32)
+  assert _kernel(ref_final).addressable_shards[0].data.shape == (4, 64)  # fsdp=8.
+
+  # On 4 of the 8 devices (data=2 x tensor=2): the same values, resharded.
+  four_devices = jax.devices()[:4]
+  config4 = _config(source, **{"mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 2})
+  four = _restore(ref_dir, 2, config4, four_devices)
+  eight = _restore(ref_dir, 2, _config(source))
+  kernel = _kernel(four)
+  assert kernel.sharding.device_set == set(four_devices)
+  assert dict(kernel.sharding.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
+  assert kernel.addressable_shards[0].data.shape == (32, 32)
+  mu = four.opt_state["model"][1][0].mu["decoder"]["layers_0"]["mlp"]["wi"]["kernel"]
+  assert mu.sharding.device_set == set(four_devices) and mu.sharding.spec == kernel.sharding.spec
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(eight), jax.device_get(four))
