@@ -18,7 +18,10 @@ class Checkpointer:
   """Saves {state, data, config} under `workdir/checkpoints/<step>`."""
 
   def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    # A pod's processes must share the directory: a gs:// URL (kept as is) or a
+    # shared filesystem.
+    root = workdir if "://" in workdir else os.path.abspath(workdir)
+    self.directory = os.path.join(root, "checkpoints")
     self.every_steps = every_steps
     self.manager = ocp.CheckpointManager(
         self.directory,

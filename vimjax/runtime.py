@@ -5,6 +5,7 @@ import sys
 
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 
 COORDINATOR = flags.DEFINE_string(
@@ -71,8 +72,7 @@ def emit_result(result: dict, workdir: str | None, name: str) -> None:
     return
   line = json.dumps(result, sort_keys=True, default=float)
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, f"{name}.json"), "w") as f:
-      f.write(line + "\n")
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or gs://.
+    (epath.Path(workdir) / f"{name}.json").write_text(line + "\n")
   sys.stdout.flush()
   print(line, flush=True)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from absl import logging
 from clu import metric_writers
 from clu import metrics as clu_metrics
+from etils import epath
 import flax.linen as nn
 import jax
 import numpy as np
@@ -160,10 +161,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   from vimjax.train import tasks  # pylint: disable=g-import-not-at-top (tasks import loop)
   config_lib.validate(config, jax.device_count(), jax.process_count())
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or gs://.
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   mesh = parallel.create_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh)
   logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape),
@@ -259,6 +259,5 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 flops_per_step_per_device=step_flops, compiled_flops_per_device=compiled_flops,
                 peak_flops_per_device=peak, preempted=preempted)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "train_result.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    (epath.Path(workdir) / "train_result.json").write_text(json.dumps(result, indent=2))
   return result
