@@ -63,10 +63,15 @@ command_for() {  # Sets `cmd` to process $1's command line.
        "--num_processes=${num}" "--process_id=$1" ${train_args[@]+"${train_args[@]}"})
 }
 
+quote() {  # One shell word, single-quoted unless it is plain.
+  if [[ $1 =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then printf '%s' "$1"; else
+    printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+
 if [[ $dry_run == 1 ]]; then
   for ((i = 0; i < num; i++)); do
     command_for "$i"
-    printf '%q ' "${cmd[@]}"
+    for word in "${cmd[@]}"; do printf '%s ' "$(quote "$word")"; done
     if ((i > 0)); then echo "> ${log_dir:-LOG_DIR}/process_${i}.log 2>&1 &"; else echo "&"; fi
   done
   echo "wait"

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Train on GPU nodes under SLURM: writes a batch script and submits it with sbatch.
+#
+#   launch/slurm_gpu.sh [options] --config=FILE[:variant] --workdir=DIR [--config.KEY=VALUE ...]
+#   launch/slurm_gpu.sh --nodes=4 --partition=gpu --config=configs/parti.py:350m --workdir=/shared/parti
+#
+# srun starts one `python -m vimjax.train --distributed ARGS` per GPU (or per
+# node with --per=node); jax.distributed.initialize() finds the coordinator,
+# process count and id (0..N-1) in SLURM's environment. DIR must be on a
+# filesystem every node sees. The job is requeued on preemption and gets
+# SIGTERM 5 minutes before its time limit: all processes save a checkpoint at
+# the same step and exit, and the requeued job resumes from it. The job runs in
+# the repository root: relative paths in the train arguments start there.
+#
+# Options:
+#   --nodes=N            nodes (default 1)
+#   --gpus_per_node=G    GPUs per node (default 8)
+#   --per=gpu|node       one process per GPU (default) or per node (all its GPUs)
+#   --partition=P        SLURM partition (default: the cluster's)
+#   --account=A          SLURM account (default: yours)
+#   --time=T             time limit, e.g. 24:00:00 (default 24:00:00)
+#   --job_name=NAME      job name (default vimjax)
+#   --log_dir=DIR        batch script and job logs (default ./slurm_logs)
+#   --python=PY          interpreter on the nodes (default: python, as found in
+#                        the submitting shell's PATH; activate the venv first)
+#   --dry_run            print the batch script and the sbatch command, submit nothing
+set -euo pipefail
+
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+  exit 2
+}
+
+nodes=1
+gpus=8
+per=gpu
+partition=""
+account=""
+time_limit="24:00:00"
+job_name="vimjax"
+log_dir="slurm_logs"
+python_bin="python"
+dry_run=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --nodes=*) nodes="${1#*=}" ;;
+    --gpus_per_node=*) gpus="${1#*=}" ;;
+    --per=*) per="${1#*=}" ;;
+    --partition=*) partition="${1#*=}" ;;
+    --account=*) account="${1#*=}" ;;
+    --time=*) time_limit="${1#*=}" ;;
+    --job_name=*) job_name="${1#*=}" ;;
+    --log_dir=*) log_dir="${1#*=}" ;;
+    --python=*) python_bin="${1#*=}" ;;
+    --dry_run) dry_run=1 ;;
+    -h|--help) usage ;;
+    --config=*|--config.*|--workdir=*) break ;;  # The train arguments start here.
+    *) echo "Unknown option $1." >&2; usage ;;
+  esac
+  shift
+done
+for value in "$nodes" "$gpus"; do
+  [[ "$value" =~ ^[1-9][0-9]*$ ]] || { echo "Expected a positive integer, got '$value'." >&2; usage; }
+done
+[[ "$per" == gpu || "$per" == node ]] || { echo "--per=$per must be gpu or node." >&2; usage; }
+[[ " $* " == *" --config="* ]] || { echo "Missing --config=FILE[:variant]." >&2; usage; }
+[[ " $* " == *" --workdir="* ]] || { echo "Missing --workdir=DIR (on a shared filesystem)." >&2; usage; }
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+log_dir="$(realpath -m "$log_dir")"
+# The nodes get the submitting shell's environment: use the same interpreter.
+python_bin="$(command -v "$python_bin" || echo "$python_bin")"
+quote() {  # One shell word, single-quoted unless it is plain.
+  if [[ $1 =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then printf '%s' "$1"; else
+    printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+train_cmd="$(quote "$python_bin") -m vimjax.train --distributed"
+for arg in "$@"; do train_cmd+=" $(quote "$arg")"; done
+
+if [[ $per == gpu ]]; then
+  tasks_per_node=$gpus
+  # jax picks GPU SLURM_LOCALID for each process; every task sees all the node's GPUs.
+  device_env=""
+else
+  tasks_per_node=1
+  device_env="export JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus - 1)))  # All GPUs in the one process."
+fi
+processes=$((nodes * tasks_per_node))
+
+script="#!/bin/bash
+#SBATCH --job-name=${job_name}
+#SBATCH --nodes=${nodes}
+#SBATCH --ntasks-per-node=${tasks_per_node}
+#SBATCH --gpus-per-node=${gpus}
+#SBATCH --time=${time_limit}
+#SBATCH --output=${log_dir}/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=TERM@300"
+[[ -z "$partition" ]] || script+=$'\n'"#SBATCH --partition=${partition}"
+[[ -z "$account" ]] || script+=$'\n'"#SBATCH --account=${account}"
+script+="
+# ${processes} processes (ids 0..$((processes - 1)) = SLURM_PROCID), one per ${per}.
+set -euo pipefail
+cd $(quote "$repo")${device_env:+
+${device_env}}
+srun --kill-on-bad-exit=1 ${train_cmd}
+"
+
+batch_file="${log_dir}/${job_name}.sbatch"
+if [[ $dry_run == 1 ]]; then
+  echo "# ${batch_file}:"
+  printf '%s' "$script"
+  echo "# submit:"
+  echo "sbatch $(quote "$batch_file")"
+  exit 0
+fi
+mkdir -p "$log_dir"
+printf '%s' "$script" > "$batch_file"
+sbatch "$batch_file"
+echo "Logs: ${log_dir}/${job_name}-<jobid>.out (tail -f it); cancel: scancel --signal=TERM <jobid>." >&2
