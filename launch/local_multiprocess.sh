@@ -81,6 +81,7 @@ fi
 [[ -n "$log_dir" ]] || log_dir="$(mktemp -d -t vimjax_local_XXXXXX)"
 mkdir -p "$log_dir"
 pids=()
+set -m  # Children in their own process groups: a terminal Ctrl-C reaches only this script.
 stop_all() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
 }
