@@ -25,10 +25,12 @@ code is 1 when a compiled program does not fit the chip's HBM.
   --hbm_gib   override the chip's HBM (e.g. to test a smaller budget)
 
 The step-time estimate is the TPU compiler's cost model (`cost_analysis()`
-"optimal_seconds"). It is only given for programs without loops: for a scanned
-layer stack (paper configs) the estimate is the unscanned program with 1 and 2
-layers per stack, extrapolated linearly to the real depth (`step_time_source`
-says which). The sampling call is a decode loop: no time estimate (null).
+"optimal_seconds"). The cost model gives no time for loops (a scanned layer
+stack, the sampling decode loop) nor for some sharded programs (it then
+returns a value <= 0): for a scanned stack the estimate is the unscanned
+program with 1 and 2 layers per stack, extrapolated linearly to the real
+depth; where the cost model gives nothing, the time and MFU are null and
+`step_time_source` says why.
 
 The mesh, batch and everything else come from the config; override as usual,
 e.g. --config.mesh.fsdp=64 --config.mesh.tensor=8 --config.global_batch_size=2048.
@@ -40,6 +42,7 @@ import os
 import re
 import tempfile
 import time
+from typing import Any
 
 # Compile-only use of libtpu: never probe for a local TPU, and allow other
 # processes (tests, a second aot_compile) to load libtpu at the same time.
@@ -155,6 +158,41 @@ def strategy(config, mesh) -> str:
   return " x ".join(parts or ["single chip"]) + "; " + ", ".join(extras)
 
 
+class OutOfMemory(Exception):
+  """The TPU compiler refused a program that cannot fit in HBM."""
+
+  def __init__(self, message: str):
+    super().__init__(message)
+    self.message = message
+    # "... required for HLO temporaries (475.05G) exceeds available HBM (30.75G)."
+    match = re.search(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM", message)
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    self.required_bytes = (int(float(match.group(1)) * scale[match.group(2)])
+                           if match else None)
+
+
+def compile_lowered(lowered):
+  """lowered.compile(); raises OutOfMemory when the compiler says it cannot fit."""
+  try:
+    return lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" in str(e):
+      raise OutOfMemory(str(e).strip().splitlines()[0]) from None
+    raise
+
+
+def oom_memory(error: OutOfMemory, hbm_bytes: int) -> dict:
+  """The memory fields of a program the compiler refused (only its estimate is known)."""
+  required = error.required_bytes
+  return {
+      "argument_bytes": None, "output_bytes": None, "alias_bytes": None,
+      "temp_bytes": required, "code_bytes": None, "total_bytes": required,
+      "total_gib": required / GIB if required else None,
+      "hbm_fraction": required / hbm_bytes if required else None,
+      "fits": False, "compiler_error": error.message,
+  }
+
+
 def memory(compiled, hbm_bytes: int) -> dict:
   """Per-chip bytes of a compiled program against `hbm_bytes`."""
   stats = compiled.memory_analysis()
@@ -190,8 +228,18 @@ def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
+def _compile(lowered) -> tuple[Any, float]:
+  """(compiled program or the compiler's OutOfMemory, seconds)."""
+  start = time.perf_counter()
+  try:
+    compiled = compile_lowered(lowered)
+  except OutOfMemory as e:
+    compiled = e
+  return compiled, time.perf_counter() - start
+
+
 def _compile_train(config, devices):
-  """(compiled train step, abstract state, mesh, seconds) for `config` on `devices`."""
+  """(compiled train step or OutOfMemory, abstract state, mesh, seconds) on `devices`."""
   mesh = parallel.create_mesh(config.mesh, devices)
   rules = parallel.rules_from_config(config.mesh)
   # Built off-mesh: concrete constants must not be placed on compile-only devices.
@@ -201,12 +249,12 @@ def _compile_train(config, devices):
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, shardings = loop.state_shardings(task, mesh, rules, rng)
     step = loop.jit_train_step(task, shardings, mesh)
-    start = time.perf_counter()
-    compiled = step.lower(state, flops.train_batch_shapes(config), abstract_rng,
-                          _abstract(task.frozen)).compile()
-  return compiled, (state, shardings), mesh, time.perf_counter() - start
+    compiled, seconds = _compile(step.lower(state, flops.train_batch_shapes(config),
+                                            abstract_rng, _abstract(task.frozen)))
+  return compiled, state, mesh, seconds
 
 
+# The layer-count keys of each task's scanned stacks (under config.model).
 LAYER_KEYS = {
     "tokenizer": ("encoder.num_layers", "decoder.num_layers"),
     "vim": ("num_layers",),
@@ -214,65 +262,79 @@ LAYER_KEYS = {
 }
 
 
-def _with_layers(config, layers: dict[str, int]):
+def _model_node(model, key: str):
+  """(parent ConfigDict, last name) of a dotted key under config.model."""
+  *path, last = key.split(".")
+  for part in path:
+    model = model[part]
+  return model, last
+
+
+def _probe_config(config, layers: dict[str, int]):
+  """An unscanned copy of `config` with the given layer counts."""
   probe = config.copy_and_resolve_references()
   with probe.unlocked():
     probe.model.scan_layers = False
     for key, n in layers.items():
-      node = probe.model
-      *path, last = key.split(".")
-      for part in path:
-        node = node[part]
+      node, last = _model_node(probe.model, key)
       node[last] = n
   return probe
 
 
-def _depth(config, key: str) -> int:
-  node = config.model
-  for part in key.split("."):
-    node = node[part]
-  return int(node)
+def _probe_seconds(config, devices, layers: dict[str, int]) -> float | None:
+  compiled = _compile_train(_probe_config(config, layers), devices)[0]
+  return None if isinstance(compiled, OutOfMemory) else optimal_seconds(compiled)
 
 
 def estimate_step_time(config, devices, compiled) -> tuple[float | None, str]:
-  """(seconds, source): the cost model's time of the train step, see the docstring."""
+  """(seconds, source): the cost model's time of the train step (see the docstring).
+
+  Unscanned: the compiled step's own estimate. Scanned stacks: t(1 layer each)
+  + sum over stacks of (depth - 1) x (t(2 layers in that stack) - t(1 each)).
+  """
+  unavailable = "unavailable: the TPU cost model gave no time (optimal_seconds <= 0)"
   if not config.model.scan_layers:
     seconds = optimal_seconds(compiled)
-    return seconds, "compiler" if seconds else "unavailable"
+    return seconds, "compiler" if seconds else unavailable
   keys = LAYER_KEYS[config.task]
-  base_layers = {k: 1 for k in keys}
-  base = optimal_seconds(_compile_train(_with_layers(config, base_layers), devices)[0])
+  ones = {k: 1 for k in keys}
+  base = _probe_seconds(config, devices, ones)
   if base is None:
-    return None, "unavailable"
+    return None, unavailable + " for the unscanned probe"
   total = base
   for key in keys:
-    two = optimal_seconds(_compile_train(
-        _with_layers(config, {**base_layers, key: 2}), devices)[0])
+    two = _probe_seconds(config, devices, {**ones, key: 2})
     if two is None:
-      return None, "unavailable"
-    total += (_depth(config, key) - 1) * (two - base)
-  return total, "compiler, unscanned 1-2 layer probes extrapolated"
+      return None, unavailable + " for the unscanned probe"
+    node, last = _model_node(config.model, key)
+    total += (int(node[last]) - 1) * (two - base)
+  return total, "compiler, unscanned 1- and 2-layer probes extrapolated to the depth"
 
 
 def aot_train(config, devices, hbm_bytes: int, peak: float, estimate: bool) -> dict:
   """Compiles the train step on the slice; memory, FLOPs, estimated time and MFU."""
-  compiled, (state, _), mesh, compile_s = _compile_train(config, devices)
-  logging.info("Compiled the train step in %.1f s.", compile_s)
+  compiled, state, mesh, compile_s = _compile_train(config, devices)
+  oom = isinstance(compiled, OutOfMemory)
+  logging.info("Compiled the train step in %.1f s%s.", compile_s,
+               " (does not fit)" if oom else "")
   model_flops = flops.model_flops_per_step(config)
-  seconds, source = (estimate_step_time(config, devices, compiled) if estimate
-                     else (None, "not requested"))
+  if oom:
+    seconds, source = None, "does not fit"
+  elif estimate:
+    seconds, source = estimate_step_time(config, devices, compiled)
+  else:
+    seconds, source = None, "not requested (--noestimate_step_time)"
   chips = len(devices)
   return {
       "compile_s": compile_s,
-      **memory(compiled, hbm_bytes),
+      **(oom_memory(compiled, hbm_bytes) if oom else memory(compiled, hbm_bytes)),
       "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
       "flops_per_step": model_flops,
       "flops_per_step_per_chip": model_flops / chips,
-      "compiled_flops_per_chip": flops.compiled_flops(compiled),
+      "compiled_flops_per_chip": None if oom else flops.compiled_flops(compiled),
       "estimated_step_time_s": seconds,
       "step_time_source": source,
       "mfu": model_flops / (seconds * chips * peak) if seconds else None,
-      "mesh": dict(mesh.shape),
   }
 
 
@@ -304,17 +366,18 @@ def aot_sample(config, devices, hbm_bytes: int, batch_size: int) -> dict:
     repl = parallel.replicated(mesh)
     cond_sharding = parallel.batch_sharding(mesh) if batch_size % dp == 0 else repl
     fn = jax.jit(sample, in_shardings=(shardings.params["model"], cond_sharding, repl))
-    start = time.perf_counter()
-    compiled = fn.lower(state.params["model"], cond,
-                        jax.eval_shape(lambda: jax.random.key(0))).compile()
-  compile_s = time.perf_counter() - start
-  logging.info("Compiled the sampling call in %.1f s.", compile_s)
+    compiled, compile_s = _compile(fn.lower(state.params["model"], cond,
+                                            jax.eval_shape(lambda: jax.random.key(0))))
+  oom = isinstance(compiled, OutOfMemory)
+  logging.info("Compiled the sampling call in %.1f s%s.", compile_s,
+               " (does not fit)" if oom else "")
   return {
-      "compile_s": compile_s, **memory(compiled, hbm_bytes),
+      "compile_s": compile_s,
+      **(oom_memory(compiled, hbm_bytes) if oom else memory(compiled, hbm_bytes)),
       "sample_batch_size": batch_size, "tokens_per_image": model.num_tokens,
       "cfg_scale": float(kwargs["cfg_scale"]), "use_cache": bool(kwargs["use_cache"]),
       "estimated_step_time_s": None,
-      "step_time_source": "unavailable (decode loop: the cost model gives no time for loops)",
+      "step_time_source": "unavailable: the cost model gives no time for the decode loop",
   }
 
 
