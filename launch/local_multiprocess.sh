@@ -8,8 +8,9 @@
 # --num_processes=N --process_id=I [train args...]` for I = 0..N-1, each process
 # with --devices_per_process fake CPU devices. Process 0's output goes to the
 # terminal, the others' to LOG_DIR/process_I.log. If one process fails the
-# others are stopped; Ctrl-C / SIGTERM is forwarded to all of them (each saves a
-# checkpoint and exits; re-running the same command resumes).
+# others are stopped (SIGTERM, then SIGKILL after 60 s). Ctrl-C / SIGTERM is
+# forwarded to all of them: they save a checkpoint at one step and exit;
+# re-running the same command resumes.
 #
 # Options:
 #   --devices_per_process=K  fake CPU devices per process (default 1)
@@ -99,8 +100,15 @@ echo "Started ${num} processes (pids ${pids[*]}); logs of processes 1..$((num - 
 
 # Poll rather than `wait -n` so a forwarded signal does not end the wait early.
 status=0
+kill_at=0
 running=("${pids[@]}")
 while ((${#running[@]} > 0)); do
+  if ((kill_at > 0 && SECONDS >= kill_at)); then
+    # Survivors of a failed peer can block in a collective forever.
+    echo "Killing the remaining processes (${running[*]})." >&2
+    for pid in "${running[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+    kill_at=0
+  fi
   still=()
   for pid in "${running[@]}"; do
     if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi
@@ -109,6 +117,7 @@ while ((${#running[@]} > 0)); do
       status=$rc
       echo "Process pid ${pid} exited with status ${rc}; stopping the others (logs in ${log_dir})." >&2
       stop_all
+      kill_at=$((SECONDS + 60))
     fi
   done
   running=(${still[@]+"${still[@]}"})

@@ -4,9 +4,11 @@ and resume (launch/local_multiprocess.sh), and restoring a checkpoint on other m
 All runs train the same micro VIM on a few token records with an fsdp=8 mesh, so
 parameters, optimizer state and checkpoints are sharded across the two processes.
 """
+import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -144,12 +146,16 @@ def _wait_for(paths, text, proc, timeout):
   raise TimeoutError(f"{text!r} not in all of {paths}")
 
 
-def _check_exit(proc, out_path, timeout=240):
+def _check_exit(proc, out_path, timeout=300):
   try:
     rc = proc.wait(timeout=timeout)
   except subprocess.TimeoutExpired:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
+    # The training processes are in their own process groups: kill them by pid.
+    started = re.search(r"pids ([\d ]+)\)", open(out_path, errors="replace").read())
+    for pid in (started.group(1).split() if started else []):
+      with contextlib.suppress(ProcessLookupError):
+        os.kill(int(pid), signal.SIGKILL)
+    proc.kill()
     raise
   assert rc == 0, open(out_path, errors="replace").read()[-3000:]
 
