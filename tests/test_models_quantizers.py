@@ -196,3 +196,22 @@ def test_restart_dead_codes_matches_numpy():
   book_sharded, _ = jax.jit(quantizers.restart_dead_codes, static_argnums=4)(
       jnp.asarray(codebook), jnp.asarray(usage), sharded, rng, 0.5)
   np.testing.assert_array_equal(book_sharded, ref)
+
+
+def test_restart_dead_codes_seeds_from_badly_served_latents():
+  rs = np.random.RandomState(1)
+  codebook = rs.randn(K, LOOKUP).astype(np.float32)
+  usage = np.zeros(K, np.float32)  # Every code dead: K draws.
+  latents = _l2n(rs.randn(B, N, LOOKUP)).astype(np.float32)
+  quantized = latents.copy()
+  served_badly = np.zeros(B * N, bool)
+  served_badly[rs.choice(B * N, 3, replace=False)] = True
+  quantized.reshape(-1, LOOKUP)[served_badly] *= -1.0  # Error 4 there, 0 elsewhere.
+  new_book, _ = quantizers.restart_dead_codes(
+      jnp.asarray(codebook), jnp.asarray(usage), jnp.asarray(latents), jax.random.key(0),
+      0.5, jnp.asarray(quantized))
+  flat = latents.reshape(-1, LOOKUP)
+  # Every restarted code is one of the three badly served latents, and all three are drawn.
+  matches = np.all(np.asarray(new_book)[:, None, :] == flat[None], axis=-1)  # [K, B*N]
+  assert matches.any(axis=1).all()
+  assert set(np.nonzero(matches)[1]) == set(np.nonzero(served_badly)[0])

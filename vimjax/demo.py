@@ -6,12 +6,18 @@ the captions -> tiny Parti -> samples for held-out prompts (`samples.png`, the
 prompts as captions) scored by the shapes dataset's analytic checker, against
 the same samples scored on shuffled prompts. Final line: one JSON object with
 psnr, codebook_usage, bits_per_token, prompt_adherence, shuffled_adherence.
+
+`--config=configs/vim.py:tiny` runs the class-conditional VIM instead of Parti
+(no vocabulary) and reports class_accuracy of its samples against the accuracy
+of the same samples scored on shuffled class ids. `--config.*` overrides apply
+to the stage-2 config.
 """
 import os
 
 from absl import app
 from absl import flags
 from absl import logging
+from ml_collections import config_flags
 import numpy as np
 
 from configs import parti as parti_configs
@@ -23,11 +29,16 @@ from vimjax import train_vocab
 from vimjax.data import shapes
 from vimjax.train import loop
 
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/parti.py:tiny", "Stage-2 config: configs/parti.py:tiny or "
+    "configs/vim.py:tiny (class-conditional).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Where every stage writes.")
 _TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 0, "0 = the tiny config's.")
 _PARTI_STEPS = flags.DEFINE_integer("parti_steps", 0, "0 = the tiny config's.")
-_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 16, "Held-out prompts to sample.")
-_SAMPLES_PER_PROMPT = flags.DEFINE_integer("samples_per_prompt", 2, "Images per prompt.")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 16,
+                                    "Held-out prompts (Parti) or classes (VIM) to sample.")
+_SAMPLES_PER_PROMPT = flags.DEFINE_integer("samples_per_prompt", 2,
+                                           "Images per prompt or class.")
 
 NUM_ENCODED = {"train": 10_000, "eval": 512}  # Shapes examples turned into tokens.
 
@@ -52,11 +63,26 @@ def held_out_prompts(num: int) -> list[str]:
   return prompts
 
 
-def run(workdir: str, *, tokenizer_steps: int = 0, parti_steps: int = 0,
+def shuffled_class_accuracy(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+  """Class accuracy of the same images against a derangement of their class ids."""
+  n = len(labels)
+  perm = (np.arange(n) + np.random.default_rng(seed).integers(1, n)) % n
+  return float(np.mean(shapes.classify_images(images) == labels[perm]))
+
+
+def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int = 0,
         num_prompts: int = 16, samples_per_prompt: int = 2) -> dict:
-  """Runs every stage under `workdir`; returns the final metrics."""
+  """Runs every stage under `workdir`; returns the final metrics.
+
+  `config` is the stage-2 config (default: configs/parti.py:tiny); a `vim` one
+  trains the class-conditional VIM instead and scores class accuracy.
+  """
+  config = parti_configs.get_config("tiny") if config is None else config
+  if config.task not in ("parti", "vim"):
+    raise ValueError(f"--config task={config.task!r}; the demo trains a stage-2 model: "
+                     "configs/parti.py:tiny or configs/vim.py:tiny.")
   tok_dir, tokens_dir = os.path.join(workdir, "tokenizer"), os.path.join(workdir, "tokens")
-  parti_dir, spm = os.path.join(workdir, "parti"), os.path.join(workdir, "spm")
+  stage2_dir, spm = os.path.join(workdir, config.task), os.path.join(workdir, "spm")
 
   logging.info("[1/5] Training the tiny ViT-VQGAN.")
   tok_config = vitvqgan.get_config("tiny")
@@ -70,34 +96,43 @@ def run(workdir: str, *, tokenizer_steps: int = 0, parti_steps: int = 0,
     encode.run(tok_config, tok_dir, os.path.join(tokens_dir, split), splits=(split,),
                num_examples=n, overwrite=True)
 
-  logging.info("[3/5] Training the SentencePiece vocabulary on the captions.")
-  vocab = train_vocab.run("shapes", "train", 2000, 256, spm, overwrite=True)
+  with config.unlocked():
+    config.tokenizer_workdir = tok_dir
+    config.data.source = f"array_record:{tokens_dir}/{{split}}/tokens-{{split}}-*.array_record"
+    if parti_steps:
+      config.total_steps = parti_steps
+    if config.task == "parti":
+      logging.info("[3/5] Training the SentencePiece vocabulary on the captions.")
+      config.data.text_tokenizer = train_vocab.run("shapes", "train", 2000, 256, spm,
+                                                   overwrite=True)["model"]
 
-  logging.info("[4/5] Training tiny Parti.")
-  config = parti_configs.get_config("tiny")
-  config.tokenizer_workdir = tok_dir
-  config.data.source = f"array_record:{tokens_dir}/{{split}}/tokens-{{split}}-*.array_record"
-  config.data.text_tokenizer = vocab["model"]
-  if parti_steps:
-    config.total_steps = parti_steps
-  parti_train = loop.train_and_evaluate(config, parti_dir)
+  logging.info("[4/5] Training tiny %s.", config.task)
+  stage2_train = loop.train_and_evaluate(config, stage2_dir)
 
-  logging.info("[5/5] Sampling held-out prompts.")
-  prompts = held_out_prompts(num_prompts)
-  result = sample.sample_from_workdir(config, parti_dir, prompts=prompts,
-                                      num_samples=samples_per_prompt, seed=0)
+  logging.info("[5/5] Sampling.")
   out = os.path.join(workdir, "samples.png")
+  if config.task == "parti":
+    prompts = held_out_prompts(num_prompts)
+    result = sample.sample_from_workdir(config, stage2_dir, prompts=prompts,
+                                        num_samples=samples_per_prompt, seed=0)
+    scenes = [shapes.parse_caption(p) for p in prompts for _ in range(samples_per_prompt)]
+    scores = {"prompt_adherence": float(np.mean(shapes.adherence(result["images"], scenes))),
+              "shuffled_adherence": shuffled_adherence(result["images"], scenes)}
+  else:
+    class_ids = [i % config.model.num_classes for i in range(num_prompts)]
+    result = sample.sample_from_workdir(config, stage2_dir, class_ids=class_ids,
+                                        num_samples=samples_per_prompt, seed=0)
+    labels = np.repeat(np.asarray(class_ids), samples_per_prompt)
+    scores = {"class_accuracy": result["class_accuracy"],
+              "shuffled_class_accuracy": shuffled_class_accuracy(result["images"], labels)}
   sample.write_outputs(result, out)
-  scenes = [shapes.parse_caption(p) for p in prompts for _ in range(samples_per_prompt)]
-  adherence = float(np.mean(shapes.adherence(result["images"], scenes)))
   return {
       "psnr": tok_eval["psnr"], "ssim": tok_eval["ssim"],
       "codebook_usage": tok_eval["codebook_usage"], "perplexity": tok_eval["perplexity"],
-      "bits_per_token": parti_train["eval_bits_per_token"],
-      "prompt_adherence": adherence,
-      "shuffled_adherence": shuffled_adherence(result["images"], scenes),
+      "bits_per_token": stage2_train["eval_bits_per_token"], **scores,
       "tokenizer_steps_per_sec": tok_train["steps_per_sec"], "tokenizer_mfu": tok_train["mfu"],
-      "parti_steps_per_sec": parti_train["steps_per_sec"], "parti_mfu": parti_train["mfu"],
+      f"{config.task}_steps_per_sec": stage2_train["steps_per_sec"],
+      f"{config.task}_mfu": stage2_train["mfu"],
       "samples": out, "reconstructions": os.path.join(tok_dir, "eval_grid.png"),
   }
 
@@ -106,7 +141,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.initialize()
-  result = run(_WORKDIR.value, tokenizer_steps=_TOKENIZER_STEPS.value,
+  result = run(_WORKDIR.value, _CONFIG.value, tokenizer_steps=_TOKENIZER_STEPS.value,
                parti_steps=_PARTI_STEPS.value, num_prompts=_NUM_PROMPTS.value,
                samples_per_prompt=_SAMPLES_PER_PROMPT.value)
   runtime.emit_result(result, _WORKDIR.value, "demo_result")

@@ -210,12 +210,16 @@ def update_usage_ema(usage_ema, code_counts, decay: float):
   return decay * usage_ema + (1.0 - decay) * code_counts.astype(usage_ema.dtype)
 
 
-def restart_dead_codes(codebook, usage_ema, latents, rng, threshold: float):
+def restart_dead_codes(codebook, usage_ema, latents, rng, threshold: float,
+                       quantized_latents=None):
   """Re-initialises codes whose usage EMA fell below `threshold`.
 
-  Each dead code k is replaced by latents[idx[k]] with
-  idx = jax.random.randint(rng, [K], 0, m) over the m flattened latents of the
-  *global* batch (pass the same rng on every process), and its usage EMA is
+  Each dead code k is replaced by latents[idx[k]], idx drawn over the m
+  flattened latents of the *global* batch (pass the same rng on every
+  process): uniformly, or -- given `quantized_latents` -- with probability
+  proportional to each latent's squared quantization error (k-means++
+  seeding), so restarts go to badly served latents rather than to the
+  dominant ones (e.g. a uniform background). Its usage EMA is
   set to `threshold` so an unused restart is restarted again next time. Live
   codes and their EMA are untouched. Call after the optimizer update; the
   optimizer moments of restarted rows are left as they are.
@@ -226,11 +230,17 @@ def restart_dead_codes(codebook, usage_ema, latents, rng, threshold: float):
     latents: [..., lookup_dim] l2-normalised encoder latents (aux["latents"]).
     rng: PRNG key.
     threshold: codes with usage_ema < threshold are dead.
+    quantized_latents: optional, same shape as latents: the selected codes.
   Returns:
     (new_codebook [K, lookup_dim], new_usage_ema [K]).
   """
   flat = latents.reshape(-1, latents.shape[-1]).astype(codebook.dtype)
-  idx = jax.random.randint(rng, (codebook.shape[0],), 0, flat.shape[0])
+  if quantized_latents is None:
+    idx = jax.random.randint(rng, (codebook.shape[0],), 0, flat.shape[0])
+  else:
+    error = jnp.sum(jnp.square(flat - quantized_latents.reshape(flat.shape)), axis=-1)
+    logits = jnp.log(error.astype(jnp.float32) + 1e-12)
+    idx = jax.random.categorical(rng, logits, shape=(codebook.shape[0],))
   dead = usage_ema < threshold
   new_codebook = jnp.where(dead[:, None], jnp.take(flat, idx, axis=0), codebook)
   new_usage = jnp.where(dead, jnp.asarray(threshold, usage_ema.dtype), usage_ema)

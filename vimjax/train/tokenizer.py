@@ -175,7 +175,7 @@ def build(config, mesh) -> loop.Task:
       codebook, extra["usage_ema"] = quantizers.restart_dead_codes(
           new_g["quantizer"]["codebook"], extra["usage_ema"],
           aux["latents"].reshape(-1, aux["latents"].shape[-1]), code_rng,
-          lw.dead_code_threshold)
+          lw.dead_code_threshold, aux["quantized_latents"])
       new_g = {**new_g, "quantizer": {**new_g["quantizer"], "codebook": codebook}}
 
     params, opt_state = {**state.params, "generator": new_g}, {**state.opt_state, "generator": g_opt}
