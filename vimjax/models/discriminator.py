@@ -129,6 +129,13 @@ class Conv(nn.Module):
       stride, padding = 1, "VALID"
     else:
       stride, padding = 1, [(k // 2, k // 2)] * 2
+    if stride > 1:
+      # The conv reads all input channels (its kernel splits outputs over
+      # `channels`), so gather them here. Left to itself, XLA's SPMD partitioner
+      # returns wrong *input gradients* of a strided conv whose input is split on
+      # batch over two mesh axes and on channels over a third (mesh 2x2x2:
+      # tests/test_strategies.py); forward values were right.
+      x = nn.with_logical_constraint(x, ("batch", None, None, None))
     y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
