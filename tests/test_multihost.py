@@ -245,3 +245,28 @@ def test_checkpoint_restores_on_other_meshes(source, reference, tmp_path):
   mu = four.opt_state["model"][1][0].mu["decoder"]["layers_0"]["mlp"]["wi"]["kernel"]
   assert mu.sharding.device_set == set(four_devices) and mu.sharding.spec == kernel.sharding.spec
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(eight), jax.device_get(four))
+
+
+def test_distributed_args_from_flags_then_environment(monkeypatch):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  from vimjax import runtime  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    monkeypatch.delenv(name, raising=False)
+  assert runtime.distributed_args() is None  # Single process.
+  with flagsaver.flagsaver(distributed=True):  # Cloud TPU / SLURM: jax detects the rest.
+    assert runtime.distributed_args() == dict(
+        coordinator_address=None, num_processes=None, process_id=None)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  assert runtime.distributed_args() == dict(
+      coordinator_address="10.0.0.2:1234", num_processes=4, process_id=3)
+  with flagsaver.flagsaver(coordinator_address="h:1", num_processes=2, process_id=0):
+    assert runtime.distributed_args() == dict(  # Flags win over the environment.
+        coordinator_address="h:1", num_processes=2, process_id=0)
+  monkeypatch.setenv("JAX_PROCESS_ID", "one")
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='one'"):
+    runtime.distributed_args()

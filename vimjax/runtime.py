@@ -54,9 +54,10 @@ def initialize() -> None:
   """jax.distributed start-up when asked, then logs the process and device layout."""
   args = distributed_args()
   if args is not None:
-    # Cross-process collectives on CPU (the loopback stand-in pod) need gloo;
-    # the setting is ignored by TPU and GPU backends.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives on CPU (the loopback stand-in pod) need gloo
+    # unless the environment picks MPI; TPU and GPU backends ignore the setting.
+    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
     logging.info("jax.distributed.initialize(%s)",
                  ", ".join(f"{k}={v}" for k, v in args.items() if v is not None)
                  or "auto-detect")
