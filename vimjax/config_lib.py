@@ -4,6 +4,7 @@ import os
 
 from vimjax import parallel
 from vimjax.data import text
+from vimjax.models import layers
 
 REQUIRED_KEYS = ("task", "seed", "total_steps", "global_batch_size", "log_every_steps",
                  "checkpoint_every_steps", "eval_every_steps", "mesh.data", "mesh.fsdp",
@@ -40,6 +41,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
   if config.global_batch_size % num_processes:
     raise ValueError(f"global_batch_size={config.global_batch_size} is not divisible by the "
                      f"{num_processes} processes.")
+  _validate_levers(config.model)
   patch = config.model.get("patch_size")
   if patch and config.data.image_size % patch:
     raise ValueError(f"data.image_size={config.data.image_size} is not divisible by "
@@ -66,6 +68,23 @@ def _validate_tokenizer(config) -> None:
   if config.model.quantizer == "fsq" and config.loss.entropy_weight > 0:
     raise ValueError(f"loss.entropy_weight={config.loss.entropy_weight} needs "
                      "model.quantizer='factorized' (FSQ has no code similarities); set it to 0.")
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _validate_levers(model) -> None:
+  """Remat policy, scan flag and dtypes: the compile-time and memory levers."""
+  if "remat_policy" in model and model.remat_policy not in layers.REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy={model.remat_policy!r}; valid: "
+                     f"{tuple(layers.REMAT_POLICIES)}.")
+  if "scan_layers" in model and not isinstance(model.scan_layers, bool):
+    raise ValueError(f"model.scan_layers={model.scan_layers!r} must be True or False.")
+  if "dtype" in model and model.dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"model.dtype={model.dtype!r}; valid: {COMPUTE_DTYPES}.")
+  if "param_dtype" in model and model.param_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"model.param_dtype={model.param_dtype!r}; valid: ('float32', "
+                     "'bfloat16') (float32 params with model.dtype='bfloat16' is the usual).")
 
 
 def _validate_stage2(config) -> None:

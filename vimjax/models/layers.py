@@ -22,12 +22,18 @@ import jax.numpy as jnp
 
 Dtype = Any
 
-# Remat policies selectable from the config (`remat_policy`). "none" disables
-# remat; "full" saves nothing and recomputes the block on the backward pass.
+# Remat policies selectable from the config (`model.remat_policy`), per block:
+#   none: no remat, every activation is kept for the backward pass (most memory);
+#   full: nothing saved, the whole block is recomputed (least memory, ~1/3 more FLOPs);
+#   dots / dots_with_no_batch_dims: save matmul outputs without batch dims (the
+#     weight matmuls: projections, MLP), recompute the rest (attention scores,
+#     softmax, gelu, norms); the usual choice for large transformers;
+#   dots_saveable: save every matmul output, attention's batched ones included.
 REMAT_POLICIES = {
     "none": None,
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
 }
 
@@ -195,14 +201,16 @@ class Attention(nn.Module):
       return _Projection((x.shape[-1], self.num_heads, self.head_dim),
                          ("embed", "heads", "kv"), 1, "bld,dhk->blhk", self.dtype,
                          self.param_dtype, name=name)(x)
-    query = proj(inputs_q, "query")
+    # [b, l, heads, kv] activations split over heads like their kernels (Megatron).
+    heads = lambda x: nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
+    query = heads(proj(inputs_q, "query"))
     if decode and self.static_kv and self.has_variable("cache", "cached_key"):
       # Cross-attention decode step: the encoder keys/values were projected once.
       key = self.get_variable("cache", "cached_key")
       value = self.get_variable("cache", "cached_value")
     else:
-      key = proj(inputs_kv, "key")
-      value = proj(inputs_kv, "value")
+      key = heads(proj(inputs_kv, "key"))
+      value = heads(proj(inputs_kv, "value"))
       if decode and self.static_kv:
         self.put_variable("cache", "cached_key", key)
         self.put_variable("cache", "cached_value", value)
@@ -233,9 +241,10 @@ class Attention(nn.Module):
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    logits = nn.with_logical_constraint(logits, ("batch", "heads", "length", None))
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    out = heads(jnp.einsum("bhqk,bkhd->bqhd", weights, value))
     return _Projection((self.num_heads, self.head_dim, inputs_q.shape[-1]),
                        ("heads", "kv", "embed"), 2, "blhk,hkd->bld", self.dtype,
                        self.param_dtype, name="out")(out)

@@ -49,11 +49,18 @@ def _embed(num, dim, names, dtype, param_dtype, name=None):
                   param_dtype=param_dtype, name=name)
 
 
+class _Logits(nn.Dense):
+  """Dense to the vocabulary; [b, l, vocab] output split over `vocab` like its kernel."""
+
+  def __call__(self, x):
+    return nn.with_logical_constraint(super().__call__(x), ("batch", "length", "vocab"))
+
+
 def _logits_dense(vocab_size, param_dtype, name):
   # Output logits in float32 (Parti: "LayerNorms and output logits in fp32").
-  return nn.Dense(vocab_size, dtype=jnp.float32, param_dtype=param_dtype, name=name,
-                  kernel_init=_part(nn.initializers.xavier_uniform(), ("embed", "vocab")),
-                  bias_init=_part(nn.initializers.zeros_init(), ("vocab",)))
+  return _Logits(vocab_size, dtype=jnp.float32, param_dtype=param_dtype, name=name,
+                 kernel_init=_part(nn.initializers.xavier_uniform(), ("embed", "vocab")),
+                 bias_init=_part(nn.initializers.zeros_init(), ("vocab",)))
 
 
 class PositionEmbedding2D(nn.Module):

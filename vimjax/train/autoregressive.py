@@ -100,7 +100,7 @@ def build_task(config, model, init_args: tuple, apply_fn: ApplyFn, *, conditiona
   def init(rng):
     params = model.init({"params": rng}, *init_args, train=False)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params={"model": params},
-                      opt_state={"model": tx.init(params)},
+                      opt_state={"model": optimizers.init_state(tx, params)},
                       ema_params={"model": params} if ema_decay > 0 else {}, extra={})
 
   def train_step(state, batch, rng, frozen):

@@ -112,7 +112,8 @@ def build(config, mesh) -> loop.Task:
     params = {"generator": g_params, "discriminator": d_params}
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
-        opt_state={"generator": g_tx.init(g_params), "discriminator": d_tx.init(d_params)},
+        opt_state={"generator": optimizers.init_state(g_tx, g_params),
+                   "discriminator": optimizers.init_state(d_tx, d_params)},
         ema_params={"generator": g_params} if ema_decay > 0 else {},
         extra={"usage_ema": jnp.zeros((num_codes(config),), jnp.float32),
                "lecam_real": jnp.zeros((), jnp.float32),
