@@ -2,6 +2,13 @@
 
 Model code names *logical* axes only (see `LOGICAL_AXES`); the rules in
 `config.mesh.rules` map them to the physical mesh axes `data`, `fsdp`, `tensor`.
+
+A sharding strategy is just the axis sizes (with `DEFAULT_RULES`):
+  data parallel   mesh.data=-1                 batch split, weights replicated
+  FSDP            mesh.fsdp=-1                 batch and every `embed` dim of params,
+                                               grads and optimizer state split
+  tensor (TP)     mesh.tensor=N, mesh.data=-1  heads / mlp / vocab / channels split
+  combinations    e.g. data=2, fsdp=-1, tensor=4
 """
 import math
 from typing import Any, Sequence
