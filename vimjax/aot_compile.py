@@ -38,6 +38,7 @@ Runs on CPU (JAX_PLATFORMS=cpu is set unless given); libtpu must be installed
 (`pip install -e .[tpu]`).
 """
 import dataclasses
+import importlib.util
 import os
 import re
 import tempfile
@@ -103,6 +104,9 @@ def parse_topology(topology: str) -> tuple[str, tuple[int, ...]]:
 def topology_devices(topology: str):
   """(chip name, compile-only devices of every chip in the slice) from libtpu."""
   chip, dims = parse_topology(topology)
+  if importlib.util.find_spec("libtpu") is None:
+    raise ValueError(f"--topology={topology!r} needs libtpu, which is not installed: "
+                     "pip install -e .[tpu] (it compiles on CPU; no TPU is needed).")
   spec = CHIPS[chip]
   dims3 = dims + (1,) * (3 - len(dims))
   # Hosts hold 2x2 chips (2x1 / 1x1 for the smallest slices); full tori wrap.
