@@ -161,7 +161,11 @@ def _relative_difference(a, b) -> float:
 def test_every_strategy_matches_one_device_and_shrinks_state(family, spm_model):
   config = _micro(family, spm_model)
   initial = host_state(config)
-  results = {name: run_step(config, sizes, initial) for name, sizes in STRATEGIES.items()}
+  # Every strategy for VIM; for the others (compiles are the test's cost) pure dp
+  # and fsdp x tp on its own are left to dp x fsdp x tp, which splits the batch
+  # over data and fsdp and the weights over fsdp and tensor.
+  names = [n for n in STRATEGIES if family == "vim" or n not in ("dp", "fsdp_tp")]
+  results = {name: run_step(config, STRATEGIES[name], initial) for name in names}
   ref_metrics, ref_params, ref_info = results["one"]
   replicated = ref_info["param_opt_bytes"]
   keys = ["loss", "grad_norm"]
@@ -175,16 +179,16 @@ def test_every_strategy_matches_one_device_and_shrinks_state(family, spm_model):
   # DP replicates; FSDP splits every fsdp-named leaf 8 ways (whole state ~1/8,
   # what stays whole is biases / norms / RGB-facing kernels); TP splits the
   # tensor-named (heads, mlp, vocab, channels) leaves 4 ways; combinations multiply.
-  assert report["dp"] == replicated
-  for name, ways in (("fsdp", 8), ("fsdp_tp", 4), ("dp_fsdp_tp", 2)):
-    per_device, total = results[name][2]["fsdp"]
-    assert per_device * ways <= total * 1.001, (name, per_device, total)
-  for name, ways in (("tp", 4), ("fsdp_tp", 2), ("dp_fsdp_tp", 2)):
-    per_device, total = results[name][2]["tensor"]
-    assert per_device * ways <= total * 1.001, (name, per_device, total)
+  assert report.get("dp", replicated) == replicated
+  for axis, name, ways in (("fsdp", "fsdp", 8), ("fsdp", "fsdp_tp", 4),
+                           ("fsdp", "dp_fsdp_tp", 2), ("tensor", "tp", 4),
+                           ("tensor", "fsdp_tp", 2), ("tensor", "dp_fsdp_tp", 2)):
+    if name in results:
+      per_device, total = results[name][2][axis]
+      assert per_device * ways <= total * 1.001, (name, axis, per_device, total)
   # Micro sizes exaggerate what FSDP leaves whole: the tokenizer's to_pixels
   # kernel [mlp, p*p*3*2] (no `embed` dim) and the discriminator's b4_conv
   # (c + 1 input channels after minibatch-stddev) are 19% of this micro state.
   assert report["fsdp"] < (0.35 if family == "tokenizer" else 0.2) * replicated
   assert report["tp"] < 0.6 * replicated
-  assert report["fsdp_tp"] < report["fsdp"] * 2 and report["fsdp_tp"] < report["tp"]
+  assert report["dp_fsdp_tp"] < report["tp"] < replicated
