@@ -202,15 +202,15 @@ class Attention(nn.Module):
                          ("embed", "heads", "kv"), 1, "bld,dhk->blhk", self.dtype,
                          self.param_dtype, name=name)(x)
     # [b, l, heads, kv] activations split over heads like their kernels (Megatron).
-    heads = lambda x: nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
-    query = heads(proj(inputs_q, "query"))
+    split_heads = lambda x: nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
+    query = split_heads(proj(inputs_q, "query"))
     if decode and self.static_kv and self.has_variable("cache", "cached_key"):
       # Cross-attention decode step: the encoder keys/values were projected once.
       key = self.get_variable("cache", "cached_key")
       value = self.get_variable("cache", "cached_value")
     else:
-      key = heads(proj(inputs_kv, "key"))
-      value = heads(proj(inputs_kv, "value"))
+      key = split_heads(proj(inputs_kv, "key"))
+      value = split_heads(proj(inputs_kv, "value"))
       if decode and self.static_kv:
         self.put_variable("cache", "cached_key", key)
         self.put_variable("cache", "cached_value", value)
@@ -244,7 +244,7 @@ class Attention(nn.Module):
     logits = nn.with_logical_constraint(logits, ("batch", "heads", "length", None))
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    out = heads(jnp.einsum("bhqk,bkhd->bqhd", weights, value))
+    out = split_heads(jnp.einsum("bhqk,bkhd->bqhd", weights, value))
     return _Projection((self.num_heads, self.head_dim, inputs_q.shape[-1]),
                        ("heads", "kv", "embed"), 2, "blhk,hkd->bld", self.dtype,
                        self.param_dtype, name="out")(out)
