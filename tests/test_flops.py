@@ -37,3 +37,15 @@ def test_loop_reports_model_flops_of_a_scanned_config(tmp_path):
   assert result["flops_per_step_per_device"] * 8 == analytic
   # XLA's count of the compiled, scanned program sees the 3-layer body once.
   assert result["compiled_flops_per_device"] * 8 < 0.8 * analytic
+
+
+def test_default_batch_shapes_match_the_benchmarks_synthetic_batches():
+  from configs import parti as parti_config  # pylint: disable=g-import-not-at-top
+  from configs import vitvqgan  # pylint: disable=g-import-not-at-top
+  from vimjax import benchmark  # pylint: disable=g-import-not-at-top
+  for config in (vitvqgan.get_config("tiny"), _vim_config("unused"),
+                 parti_config.get_config("tiny")):
+    real = benchmark.synthetic_batch(config, config.global_batch_size)
+    shapes = flops.train_batch_shapes(config)
+    assert {k: (v.shape, v.dtype) for k, v in real.items()} == {
+        k: (v.shape, v.dtype) for k, v in shapes.items()}, config.task
