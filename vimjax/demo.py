@@ -43,11 +43,16 @@ _SAMPLES_PER_PROMPT = flags.DEFINE_integer("samples_per_prompt", 2,
 NUM_ENCODED = {"train": 10_000, "eval": 512}  # Shapes examples turned into tokens.
 
 
+def stack_scenes(scenes: list[dict]) -> dict[str, np.ndarray]:
+  """parse_caption dicts -> the batched scene dict shapes.adherence takes."""
+  return {k: np.stack([s[k] for s in scenes]) for k in scenes[0]}
+
+
 def shuffled_adherence(images: np.ndarray, scenes: list[dict], seed: int = 0) -> float:
   """Adherence of the same images to a derangement of their prompts' scenes."""
   n = len(scenes)
   perm = (np.arange(n) + np.random.default_rng(seed).integers(1, n)) % n
-  return float(np.mean(shapes.adherence(images, [scenes[i] for i in perm])))
+  return float(np.mean(shapes.adherence(images, stack_scenes([scenes[i] for i in perm]))))
 
 
 def held_out_prompts(num: int) -> list[str]:
@@ -116,7 +121,8 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
     result = sample.sample_from_workdir(config, stage2_dir, prompts=prompts,
                                         num_samples=samples_per_prompt, seed=0)
     scenes = [shapes.parse_caption(p) for p in prompts for _ in range(samples_per_prompt)]
-    scores = {"prompt_adherence": float(np.mean(shapes.adherence(result["images"], scenes))),
+    scores = {"prompt_adherence": float(np.mean(shapes.adherence(result["images"],
+                                                                 stack_scenes(scenes)))),
               "shuffled_adherence": shuffled_adherence(result["images"], scenes)}
   else:
     class_ids = [i % config.model.num_classes for i in range(num_prompts)]
