@@ -113,6 +113,7 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
 
   logging.info("[4/5] Training tiny %s.", config.task)
   stage2_train = loop.train_and_evaluate(config, stage2_dir)
+  stage2_eval = loop.evaluate_workdir(config, stage2_dir)  # Also after a resumed, finished run.
 
   logging.info("[5/5] Sampling.")
   out = os.path.join(workdir, "samples.png")
@@ -135,10 +136,10 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
   return {
       "psnr": tok_eval["psnr"], "ssim": tok_eval["ssim"],
       "codebook_usage": tok_eval["codebook_usage"], "perplexity": tok_eval["perplexity"],
-      "bits_per_token": stage2_train["eval_bits_per_token"], **scores,
-      "tokenizer_steps_per_sec": tok_train["steps_per_sec"], "tokenizer_mfu": tok_train["mfu"],
-      f"{config.task}_steps_per_sec": stage2_train["steps_per_sec"],
-      f"{config.task}_mfu": stage2_train["mfu"],
+      "bits_per_token": stage2_eval["bits_per_token"], **scores,
+      "tokenizer_steps_per_sec": tok_train.get("steps_per_sec"), "tokenizer_mfu": tok_train.get("mfu"),
+      f"{config.task}_steps_per_sec": stage2_train.get("steps_per_sec"),
+      f"{config.task}_mfu": stage2_train.get("mfu"),
       "samples": out, "reconstructions": os.path.join(tok_dir, "eval_grid.png"),
   }
 
