@@ -179,7 +179,8 @@ def build(config, mesh) -> loop.Task:
           lw.dead_code_threshold, aux["quantized_latents"])
       new_g = {**new_g, "quantizer": {**new_g["quantizer"], "codebook": codebook}}
 
-    params, opt_state = {**state.params, "generator": new_g}, {**state.opt_state, "generator": g_opt}
+    params = {**state.params, "generator": new_g}
+    opt_state = {**state.opt_state, "generator": g_opt}
     if adversarial:
       (_, (d_terms, real_logits, fake_logits)), d_grads = jax.value_and_grad(
           discriminator_loss, has_aux=True)(d_params, images, recon, state.extra)
