@@ -16,9 +16,25 @@ def test_true_renders_adhere_and_shuffled_prompts_do_not():
   prompts = demo.held_out_prompts(16)
   scenes = [shapes.parse_caption(p) for p in prompts]
   images = np.stack([shapes.render_scene(s, 32) for s in scenes])
-  adherence = shapes.adherence(images, demo.stack_scenes(scenes))
-  assert adherence.shape == (16,) and np.mean(adherence) >= 0.9
-  assert demo.shuffled_adherence(images, scenes) <= 0.25
+  scores = demo.prompt_scores(images, scenes)
+  assert scores["prompt_adherence"] >= 0.9 and scores["shape_recall"] >= 0.9
+  assert scores["shuffled_adherence"] <= 0.25 and scores["shuffled_shape_recall"] <= 0.5
+
+
+def test_shape_recall_gives_partial_credit_by_hand():
+  scene = shapes.parse_caption("a red circle at the top and a green square at the bottom")
+  full = shapes.render_scene(scene, 32)
+  one = shapes.render_scene(shapes.parse_caption("a red circle at the top"), 32)
+  extra = shapes.render_scene(
+      shapes.parse_caption("a red circle at the top, a green square at the bottom "
+                           "and a blue circle at the left"), 32)
+  wrong_colour = shapes.render_scene(
+      shapes.parse_caption("a blue circle at the top and a green square at the bottom"), 32)
+  images = np.stack([full, one, extra, wrong_colour, np.zeros_like(full)])
+  stacked = demo.stack_scenes([scene] * 5)
+  np.testing.assert_allclose(shapes.shape_recall(images, stacked), [1, 0.5, 1, 0.5, 0])
+  # All-or-nothing adherence: the extra shape and the missing one both fail.
+  np.testing.assert_allclose(shapes.adherence(images, stacked, check_kind=False), [1, 0, 0, 0, 0])
 
 
 def test_shuffled_class_accuracy_uses_a_derangement():

@@ -5,7 +5,9 @@ tiny ViT-VQGAN -> encode the dataset to tokens -> SentencePiece vocabulary on
 the captions -> tiny Parti -> samples for held-out prompts (`samples.png`, the
 prompts as captions) scored by the shapes dataset's analytic checker, against
 the same samples scored on shuffled prompts. Final line: one JSON object with
-psnr, codebook_usage, bits_per_token, prompt_adherence, shuffled_adherence.
+psnr, codebook_usage, bits_per_token, prompt_adherence, shuffled_adherence
+(all-or-nothing: exactly the prompt's cells occupied in the prompt's colours),
+and shape_recall, shuffled_shape_recall (partial credit per prompt shape).
 
 `--config=configs/vim.py:tiny` runs the class-conditional VIM instead of Parti
 (no vocabulary) and reports class_accuracy of its samples against the accuracy
@@ -48,11 +50,20 @@ def stack_scenes(scenes: list[dict]) -> dict[str, np.ndarray]:
   return {k: np.stack([s[k] for s in scenes]) for k in scenes[0]}
 
 
-def shuffled_adherence(images: np.ndarray, scenes: list[dict], seed: int = 0) -> float:
-  """Adherence of the same images to a derangement of their prompts' scenes."""
+def prompt_scores(images: np.ndarray, scenes: list[dict], seed: int = 0) -> dict[str, float]:
+  """Adherence (all-or-nothing: exactly the prompt's cells occupied, each in the
+  prompt's colour) and shape recall (partial credit per shape), for the prompts
+  and for a derangement of them (the same images against other prompts)."""
   n = len(scenes)
   perm = (np.arange(n) + np.random.default_rng(seed).integers(1, n)) % n
-  return float(np.mean(shapes.adherence(images, stack_scenes([scenes[i] for i in perm]))))
+  scores = {}
+  for prefix, order in (("", np.arange(n)), ("shuffled_", perm)):
+    stacked = stack_scenes([scenes[i] for i in order])
+    scores[prefix + "adherence"] = float(np.mean(
+        shapes.adherence(images, stacked, check_kind=False)))
+    scores[prefix + "shape_recall"] = float(np.mean(shapes.shape_recall(images, stacked)))
+  scores["prompt_adherence"] = scores.pop("adherence")
+  return scores
 
 
 def held_out_prompts(num: int) -> list[str]:
@@ -122,9 +133,7 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
     result = sample.sample_from_workdir(config, stage2_dir, prompts=prompts,
                                         num_samples=samples_per_prompt, seed=0)
     scenes = [shapes.parse_caption(p) for p in prompts for _ in range(samples_per_prompt)]
-    scores = {"prompt_adherence": float(np.mean(shapes.adherence(result["images"],
-                                                                 stack_scenes(scenes)))),
-              "shuffled_adherence": shuffled_adherence(result["images"], scenes)}
+    scores = prompt_scores(result["images"], scenes)
   else:
     class_ids = [i % config.model.num_classes for i in range(num_prompts)]
     result = sample.sample_from_workdir(config, stage2_dir, class_ids=class_ids,

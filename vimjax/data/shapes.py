@@ -363,6 +363,30 @@ def adherence(images: np.ndarray, scenes: Mapping[str, Any], *,
   return ok.astype(np.float32)
 
 
+def shape_recall(images: np.ndarray, scenes: Mapping[str, Any], *,
+                 check_kind: bool = False) -> np.ndarray:
+  """Per-image fraction of the scene's shapes found at their cell in their colour.
+
+  A partial-credit companion of `adherence`: extra shapes elsewhere are not
+  penalised, so it separates "follows the prompt loosely" from "ignores it".
+
+  Returns:
+    float32 [n] in [0, 1].
+  """
+  cells = analyze_cells(images)
+  n = cells["occupied"].shape[0]
+  scenes = _scene_batch(scenes, n)
+  hits = np.zeros((n,), np.float32)
+  for j in range(MAX_SHAPES):
+    present = j < scenes["num_shapes"]
+    pos = np.where(present, scenes["position"][:, j], 0)
+    match = np.ones((n,), bool)
+    for key in ("color",) + ("shape_kind",) * check_kind:
+      match &= np.take_along_axis(cells[key], pos[:, None], axis=1)[:, 0] == scenes[key][:, j]
+    hits += present & match
+  return hits / np.maximum(scenes["num_shapes"], 1)
+
+
 def score_image(image: np.ndarray, scene: Mapping[str, Any], *, check_kind: bool = True,
                 check_size: bool = False) -> float:
   """Prompt adherence of one image [S, S, 3] to one scene; see `adherence`."""
