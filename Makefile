@@ -15,9 +15,11 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-# The main job on the embedded shapes dataset (CPU, a few minutes).
+# The main job on the embedded shapes dataset (CPU, about ten minutes). CPU
+# unless JAX_PLATFORMS is set (the test extra installs libtpu, which would
+# otherwise probe for a TPU first); `JAX_PLATFORMS= make demo` auto-detects.
 demo: $(STAMP)
-	$(PY) -m vimjax.demo --workdir=$(DEMO_DIR)
+	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m vimjax.demo --workdir=$(DEMO_DIR)
 
 # The whole test suite on 8 fake CPU devices (tests/conftest.py sets them).
 test: $(STAMP)
