@@ -1,8 +1,17 @@
 """The demo's scoring: adherence of true renders vs the same images on shuffled prompts."""
 import numpy as np
 
+from vimjax import benchmark  # pylint: disable=unused-import
 from vimjax import demo
+from vimjax import encode  # pylint: disable=unused-import
+from vimjax import summary  # pylint: disable=unused-import
+from vimjax import train_vocab  # pylint: disable=unused-import
 from vimjax.data import shapes
+
+
+def test_binaries_import_together_without_flag_clashes():
+  # Flags of programs are defined under __main__ only (demo imports several).
+  assert demo.run and summary and encode and train_vocab and benchmark
 
 
 def test_held_out_prompts_are_distinct_validation_captions():

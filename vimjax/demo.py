@@ -31,16 +31,17 @@ from vimjax import train_vocab
 from vimjax.data import shapes
 from vimjax.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/parti.py:tiny", "Stage-2 config: configs/parti.py:tiny or "
-    "configs/vim.py:tiny (class-conditional).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "demo_out", "Where every stage writes.")
-_TOKENIZER_STEPS = flags.DEFINE_integer("tokenizer_steps", 0, "0 = the tiny config's.")
-_PARTI_STEPS = flags.DEFINE_integer("parti_steps", 0, "0 = the tiny config's.")
-_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 16,
-                                    "Held-out prompts (Parti) or classes (VIM) to sample.")
-_SAMPLES_PER_PROMPT = flags.DEFINE_integer("samples_per_prompt", 2,
-                                           "Images per prompt or class.")
+def _define_flags():
+  """Flags of the binary (defined only when run as a program: --config is shared)."""
+  config_flags.DEFINE_config_file(
+      "config", "configs/parti.py:tiny", "Stage-2 config: configs/parti.py:tiny or "
+      "configs/vim.py:tiny (class-conditional).", lock_config=True)
+  flags.DEFINE_string("workdir", "demo_out", "Where every stage writes.")
+  flags.DEFINE_integer("tokenizer_steps", 0, "0 = the tiny config's.")
+  flags.DEFINE_integer("parti_steps", 0, "0 = the tiny config's (VIM too).")
+  flags.DEFINE_integer("num_prompts", 16, "Held-out prompts (Parti) or classes (VIM) to sample.")
+  flags.DEFINE_integer("samples_per_prompt", 2, "Images per prompt or class.")
+
 
 NUM_ENCODED = {"train": 10_000, "eval": 512}  # Shapes examples turned into tokens.
 
@@ -158,11 +159,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.initialize()
-  result = run(_WORKDIR.value, _CONFIG.value, tokenizer_steps=_TOKENIZER_STEPS.value,
-               parti_steps=_PARTI_STEPS.value, num_prompts=_NUM_PROMPTS.value,
-               samples_per_prompt=_SAMPLES_PER_PROMPT.value)
-  runtime.emit_result(result, _WORKDIR.value, "demo_result")
+  f = flags.FLAGS
+  result = run(f.workdir, f.config, tokenizer_steps=f.tokenizer_steps,
+               parti_steps=f.parti_steps, num_prompts=f.num_prompts,
+               samples_per_prompt=f.samples_per_prompt)
+  runtime.emit_result(result, flags.FLAGS.workdir, "demo_result")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
