@@ -15,7 +15,8 @@ where each mode holds the compiled program's per-chip memory
 `fits`), `compile_s`, and for the train step `flops_per_step` (the model's
 FLOPs, `flops.model_flops_per_step`: XLA's cost analysis of a compiled program
 counts a scanned layer stack once), `estimated_step_time_s` and the implied
-`mfu` (model FLOPs / (step time x chips x peak bf16 FLOP/s per chip)). The exit
+`mfu` (model FLOPs / (step time x chips x peak bf16 FLOP/s per chip)), and
+`roofline` (see below). The exit
 code is 1 when a compiled program does not fit the chip's HBM.
 
   --topology  v4:AxBxC | v5p:AxBxC | v5e:AxB | v6e:AxB (chips per dimension;
@@ -25,12 +26,15 @@ code is 1 when a compiled program does not fit the chip's HBM.
   --hbm_gib   override the chip's HBM (e.g. to test a smaller budget)
 
 The step-time estimate is the TPU compiler's cost model (`cost_analysis()`
-"optimal_seconds"). The cost model gives no time for loops (a scanned layer
-stack, the sampling decode loop) nor for some sharded programs (it then
-returns a value <= 0): for a scanned stack the estimate is the unscanned
-program with 1 and 2 layers per stack, extrapolated linearly to the real
-depth; where the cost model gives nothing, the time and MFU are null and
-`step_time_source` says why.
+"optimal_seconds") where it gives one. It gives none for loops (a scanned
+layer stack, the sampling decode loop) nor for sharded programs with
+collectives (it then returns a value <= 0): for a scanned stack the binary
+compiles the unscanned program with 1 and 2 layers per stack and extrapolates
+linearly to the real depth; where that gives nothing too (or with
+--noestimate_step_time) the estimate is the roofline of `vimjax.roofline`:
+executed FLOPs at peak plus the bytes of the compiled program's collectives
+over ICI, no overlap. `step_time_source` says which; `train.roofline` always
+holds the roofline's parts (compute_s, collective_s, bytes by collective kind).
 
 The mesh, batch and everything else come from the config; override as usual,
 e.g. --config.mesh.fsdp=64 --config.mesh.tensor=8 --config.global_batch_size=2048.
@@ -53,6 +57,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import jax
 from jax.experimental import topologies
@@ -63,6 +68,7 @@ from vimjax import benchmark
 from vimjax import config_lib
 from vimjax import flops
 from vimjax import parallel
+from vimjax import roofline
 from vimjax import runtime
 from vimjax import sampling
 from vimjax.models import perceptual
@@ -315,20 +321,40 @@ def estimate_step_time(config, devices, compiled) -> tuple[float | None, str]:
   return total, "compiler, unscanned 1- and 2-layer probes extrapolated to the depth"
 
 
-def aot_train(config, devices, hbm_bytes: int, peak: float, estimate: bool) -> dict:
+def roofline_estimate(config, compiled, chip: str, chips: int, peak: float,
+                      model_flops: float) -> dict:
+  """`roofline.estimate` of a compiled train step, with its collectives by kind."""
+  sent = roofline.collective_bytes(compiled.as_text(), chips)
+  executed = (model_flops if config.model.remat_policy == "none"
+              else flops.model_flops_per_step(config, executed=True))
+  return {**roofline.estimate(model_flops=model_flops, executed_flops=executed,
+                              num_chips=chips, peak_flops=peak, sent_bytes=sent["total"],
+                              chip=chip),
+          "collective_bytes_by_kind": {k: v for k, v in sent.items() if k != "total"}}
+
+
+def aot_train(config, devices, chip: str, hbm_bytes: int, peak: float, estimate: bool,
+              hlo_dir: str | None = None) -> dict:
   """Compiles the train step on the slice; memory, FLOPs, estimated time and MFU."""
   compiled, state, mesh, compile_s = _compile_train(config, devices)
   oom = isinstance(compiled, OutOfMemory)
+  if hlo_dir and not oom:
+    path = epath.Path(hlo_dir) / "train_step.hlo.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(compiled.as_text())
   logging.info("Compiled the train step in %.1f s%s.", compile_s,
                " (does not fit)" if oom else "")
   model_flops = flops.model_flops_per_step(config)
+  chips = len(devices)
+  rl = None if oom else roofline_estimate(config, compiled, chip, chips, peak, model_flops)
   if oom:
     seconds, source = None, "does not fit"
   elif estimate:
     seconds, source = estimate_step_time(config, devices, compiled)
   else:
     seconds, source = None, "not requested (--noestimate_step_time)"
-  chips = len(devices)
+  if rl and not seconds:
+    seconds, source = rl["step_time_s"], f"roofline (cost model: {source})"
   return {
       "compile_s": compile_s,
       **(oom_memory(compiled, hbm_bytes) if oom else memory(compiled, hbm_bytes)),
@@ -339,6 +365,7 @@ def aot_train(config, devices, hbm_bytes: int, peak: float, estimate: bool) -> d
       "estimated_step_time_s": seconds,
       "step_time_source": source,
       "mfu": model_flops / (seconds * chips * peak) if seconds else None,
+      "roofline": rl,
   }
 
 
@@ -386,7 +413,8 @@ def aot_sample(config, devices, hbm_bytes: int, batch_size: int) -> dict:
 
 
 def run(config, *, topology: str, mode: str = "both", sample_batch_size: int = 0,
-        hbm_gib: float = 0.0, estimate_step_time_: bool = True) -> dict:
+        hbm_gib: float = 0.0, estimate_step_time_: bool = True,
+        hlo_dir: str | None = None) -> dict:
   """The proof of fit the flags describe; returns the result dict (see the docstring)."""
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r}; valid: {MODES}.")
@@ -412,7 +440,8 @@ def run(config, *, topology: str, mode: str = "both", sample_batch_size: int = 0
   if config.task not in benchmark.STAGE2:
     modes = [m for m in modes if m == "train"]
   if "train" in modes:
-    result["train"] = aot_train(config, devices, hbm_bytes, peak, estimate_step_time_)
+    result["train"] = aot_train(config, devices, chip, hbm_bytes, peak, estimate_step_time_,
+                                hlo_dir)
     result["num_params"] = result["train"]["num_params"]
   if "sample" in modes:
     result["sample"] = aot_sample(config, devices, hbm_bytes, sample_batch_size)
@@ -430,9 +459,10 @@ def _define_flags():
   flags.DEFINE_float("hbm_gib", 0.0, "HBM per chip in GiB (0 = the chip's: "
                      + ", ".join(f"{k} {v.hbm_bytes // GIB}" for k, v in CHIPS.items()) + ").")
   flags.DEFINE_bool("estimate_step_time", True, "Also compile the small unscanned probes "
-                    "that give a scanned model's estimated step time.")
+                    "that give a scanned model's cost-model step time (else: the roofline).")
   flags.DEFINE_string("workdir", None, "If set, the result also goes to "
-                      "WORKDIR/aot_compile_result.json.")
+                      "WORKDIR/aot_compile_result.json and the compiled train step's HLO "
+                      "to WORKDIR/train_step.hlo.txt.")
   flags.mark_flags_as_required(["config", "topology"])
 
 
@@ -443,7 +473,7 @@ def main(argv):
   try:
     result = run(f.config, topology=f.topology, mode=f.mode,
                  sample_batch_size=f.sample_batch_size, hbm_gib=f.hbm_gib,
-                 estimate_step_time_=f.estimate_step_time)
+                 estimate_step_time_=f.estimate_step_time, hlo_dir=f.workdir)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None
   runtime.emit_result(result, f.workdir, "aot_compile_result")

@@ -68,7 +68,7 @@ def train_batch_shapes(config, batch_size: int | None = None) -> dict[str, jax.S
   return {**batch, "text_ids": spec((b, m.max_text_length)), "text_truncated": spec((b,))}
 
 
-def model_flops_per_step(config, batch: Any = None) -> float:
+def model_flops_per_step(config, batch: Any = None, executed: bool = False) -> float:
   """Global model FLOPs of one train step of `config` (see the module docstring).
 
   Args:
@@ -76,6 +76,9 @@ def model_flops_per_step(config, batch: Any = None) -> float:
       loads `data.text_tokenizer`, so that file must exist.
     batch: the global train batch, {name: array or jax.ShapeDtypeStruct};
       default `train_batch_shapes(config)`.
+    executed: keep the config's remat policy, so that what it recomputes in
+      the backward pass is counted too: the FLOPs the chips execute (for a
+      step-time estimate), not the model's (for MFU).
   Returns:
     FLOPs of the whole step over all devices (divide by the device count for
     a per-device number). The tokenizer's step is a `cond` on the adversarial
@@ -86,7 +89,8 @@ def model_flops_per_step(config, batch: Any = None) -> float:
   flat = config.copy_and_resolve_references()
   with flat.unlocked():
     flat.model.scan_layers = False
-    flat.model.remat_policy = "none"
+    if not executed:
+      flat.model.remat_policy = "none"
   task = tasks.build(flat, None)
   rng = jax.random.key(0)
   state = parallel.unbox(jax.eval_shape(task.init, rng))
