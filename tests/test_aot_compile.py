@@ -17,6 +17,7 @@ from configs import parti
 from configs import vim
 from configs import vitvqgan
 from vimjax import aot_compile
+from vimjax import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMORY_FIELDS = ("argument_bytes", "output_bytes", "code_bytes", "total_bytes")
@@ -31,13 +32,7 @@ def _one_layer(config, **overrides):
       m.num_layers = 1
     else:
       m.encoder_layers = m.decoder_layers = 1
-    for key, value in overrides.items():
-      node = config
-      *path, last = key.split(".")
-      for part in path:
-        node = node[part]
-      node[last] = value
-  return config
+  return config_lib.override(config, **overrides)
 
 
 def _check_fits(out: dict):

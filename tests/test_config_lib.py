@@ -9,15 +9,7 @@ from vimjax import config_lib
 
 
 def _config(**overrides):
-  config = vitvqgan.get_config("tiny")
-  with config.unlocked():
-    for dotted, value in overrides.items():
-      node = config
-      *parents, leaf = dotted.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
+  return config_lib.override(vitvqgan.get_config("tiny"), **overrides)
 
 
 def test_tiny_config_is_valid_on_8_devices():
@@ -60,3 +52,13 @@ def test_unknown_override_key_fails_at_the_command_line(tmp_path):
       capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
   assert "learning_rate" in proc.stderr
+
+
+def test_override_sets_dotted_keys_and_names_a_missing_one():
+  config = config_lib.override(vitvqgan.get_config("tiny"),
+                               **{"model.encoder.num_layers": 3, "seed": 7})
+  assert config.model.encoder.num_layers == 3 and config.seed == 7
+  with pytest.raises(ValueError, match="no key 'model.encoder.num_layerz'.*'num_layerz'"):
+    config_lib.override(config, **{"model.encoder.num_layerz": 3})
+  with pytest.raises(ValueError, match="'modle'"):
+    config_lib.override(config, **{"modle.encoder.num_layers": 3})

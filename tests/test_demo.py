@@ -40,7 +40,7 @@ def test_shape_recall_gives_partial_credit_by_hand():
   wrong_colour = shapes.render_scene(
       shapes.parse_caption("a blue circle at the top and a green square at the bottom"), 32)
   images = np.stack([full, one, extra, wrong_colour, np.zeros_like(full)])
-  stacked = demo.stack_scenes([scene] * 5)
+  stacked = shapes.stack_scenes([scene] * 5)
   np.testing.assert_allclose(shapes.shape_recall(images, stacked), [1, 0.5, 1, 0.5, 0])
   # All-or-nothing adherence: the extra shape and the missing one both fail.
   np.testing.assert_allclose(shapes.adherence(images, stacked, check_kind=False), [1, 0, 0, 0, 0])

@@ -12,6 +12,7 @@ import pytest
 from configs import parti as parti_config
 from configs import vim as vim_config
 from configs import vitvqgan
+from vimjax import config_lib
 from vimjax import sample
 from vimjax.data import shapes
 from vimjax.data import sources
@@ -27,14 +28,7 @@ PROMPTS = ["a red circle at the center", "a small blue square at the top left an
 
 
 def _set(config, **overrides):
-  with config.unlocked():
-    for dotted, value in overrides.items():
-      node = config
-      *parents, leaf = dotted.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
+  return config_lib.override(config, **overrides)
 
 
 def _common(total_steps=2):

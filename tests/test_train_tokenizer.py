@@ -12,6 +12,7 @@ import pytest
 
 from configs import vitvqgan
 from vimjax import checkpoint
+from vimjax import config_lib
 from vimjax import parallel
 from vimjax import summary
 from vimjax.train import loop
@@ -43,13 +44,7 @@ def micro_config(**overrides):
     config.loss.lecam_weight = 0.01
     config.optimizer.warmup_steps = 1
     config.disc_optimizer.warmup_steps = 1
-    for dotted, value in overrides.items():
-      node = config
-      *parents, leaf = dotted.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
+  return config_lib.override(config, **overrides)
 
 
 def _params(workdir, config):

@@ -22,6 +22,25 @@ def _get(config, dotted: str):
   return node
 
 
+def override(config, **dotted):
+  """Sets `config`'s dotted keys in place ("model.num_layers"=2); returns it.
+
+  As `--config.model.num_layers=2` does on the command line, for code and tests.
+  Keys must exist (a typo is an error naming it).
+  """
+  with config.unlocked():
+    for key, value in dotted.items():
+      *parents, leaf = key.split(".")
+      node = config
+      for depth, part in enumerate(key.split(".")):
+        if part not in node:
+          raise ValueError(f"Config has no key {key!r} to override (no {part!r}).")
+        if depth < len(parents):
+          node = node[part]
+      node[leaf] = value
+  return config
+
+
 def validate(config, num_devices: int, num_processes: int = 1) -> None:
   """Raises ValueError on the first problem found in `config`."""
   for key in REQUIRED_KEYS:

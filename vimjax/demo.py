@@ -46,9 +46,9 @@ def _define_flags():
 NUM_ENCODED = {"train": 10_000, "eval": 512}  # Shapes examples turned into tokens.
 
 
-def stack_scenes(scenes: list[dict]) -> dict[str, np.ndarray]:
-  """parse_caption dicts -> the batched scene dict shapes.adherence takes."""
-  return {k: np.stack([s[k] for s in scenes]) for k in scenes[0]}
+def derangement(n: int, seed: int = 0) -> np.ndarray:
+  """A permutation of range(n) (n > 1) that moves every index: a cyclic shift."""
+  return (np.arange(n) + np.random.default_rng(seed).integers(1, n)) % n
 
 
 def prompt_scores(images: np.ndarray, scenes: list[dict], seed: int = 0) -> dict[str, float]:
@@ -56,10 +56,9 @@ def prompt_scores(images: np.ndarray, scenes: list[dict], seed: int = 0) -> dict
   prompt's colour) and shape recall (partial credit per shape), for the prompts
   and for a derangement of them (the same images against other prompts)."""
   n = len(scenes)
-  perm = (np.arange(n) + np.random.default_rng(seed).integers(1, n)) % n
   scores = {}
-  for prefix, order in (("", np.arange(n)), ("shuffled_", perm)):
-    stacked = stack_scenes([scenes[i] for i in order])
+  for prefix, order in (("", np.arange(n)), ("shuffled_", derangement(n, seed))):
+    stacked = shapes.stack_scenes([scenes[i] for i in order])
     scores[prefix + "adherence"] = float(np.mean(
         shapes.adherence(images, stacked, check_kind=False)))
     scores[prefix + "shape_recall"] = float(np.mean(shapes.shape_recall(images, stacked)))
@@ -82,9 +81,7 @@ def held_out_prompts(num: int) -> list[str]:
 
 def shuffled_class_accuracy(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
   """Class accuracy of the same images against a derangement of their class ids."""
-  n = len(labels)
-  perm = (np.arange(n) + np.random.default_rng(seed).integers(1, n)) % n
-  return float(np.mean(shapes.classify_images(images) == labels[perm]))
+  return float(np.mean(shapes.classify_images(images) == labels[derangement(len(labels), seed)]))
 
 
 def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int = 0,

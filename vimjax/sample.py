@@ -15,7 +15,8 @@ tile captioned with its prompt or class name), the token ids next to it as
 `<out stem>_tokens.npy` (int32 [num_conditions * num_samples, grid^2], grouped
 by condition) and prints a final JSON line {"out", "tokens", "num_images",
 "sec_per_image", ...}; for shapes prompts also `prompt_adherence` (the analytic
-checker of vimjax/data/shapes.py) and for VIM on shapes `class_accuracy`.
+checker of vimjax/data/shapes.py: exactly the prompt's cells occupied, each in
+its colour, as the demo scores it) and for VIM on shapes `class_accuracy`.
 
 Sampling runs sharded on the workdir's mesh (config.mesh; override with
 --config.mesh.*): only the params (EMA ones when optimizer.ema_decay > 0) are
@@ -203,9 +204,10 @@ def _shapes_metrics(config, conditions, num_samples, images) -> dict:
       scenes = [shapes.parse_caption(p) for p in conditions]
     except ValueError:
       return {}
-    stacked = {k: np.repeat(np.stack([s[k] for s in scenes]), num_samples, axis=0)
-               for k in scenes[0]}
-    return {"prompt_adherence": float(np.mean(shapes.adherence(images, stacked)))}
+    stacked = shapes.stack_scenes([s for s in scenes for _ in range(num_samples)])
+    # As the demo scores it: the prompt's cells occupied, each in its colour.
+    return {"prompt_adherence": float(np.mean(
+        shapes.adherence(images, stacked, check_kind=False)))}
   if conditions == [None] or not _is_shapes(config):
     return {}
   labels = np.repeat(np.asarray(conditions), num_samples)

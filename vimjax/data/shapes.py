@@ -329,6 +329,11 @@ def _scene_batch(scenes: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
   return batch
 
 
+def stack_scenes(scenes: list[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+  """parse_caption / sample_scene dicts -> the batched scenes `adherence` takes."""
+  return {k: np.stack([s[k] for s in scenes]) for k in scenes[0]}
+
+
 def adherence(images: np.ndarray, scenes: Mapping[str, Any], *,
               check_kind: bool = True, check_size: bool = False) -> np.ndarray:
   """Per-image prompt adherence, all-or-nothing.
