@@ -52,6 +52,24 @@ def test_logical_to_shardings_follows_rules_and_fits_odd_dims():
   assert shardings["params"]["Dense_0"]["bias"].spec == P(None)
 
 
+def test_fsdp_splits_kernels_no_name_puts_on_it_over_their_largest_free_dim():
+  mesh = parallel.create_mesh(_mesh_config(2, 2, 2))
+  rules = parallel.rules_from_config(_mesh_config(2, 2, 2))
+  boxed = lambda shape, names: nn.Partitioned(jnp.zeros(shape), names)
+  tree = {
+      "conv": boxed((3, 3, 6, 8), (None, None, None, "channels")),  # [kh, kw, in, out]
+      "pixels": boxed((16, 12), ("mlp", None)),  # No embed dim.
+      "odd": boxed((3, 5, 7), (None, None, None)),  # Nothing fsdp divides.
+      "bias": boxed((8,), ("mlp",)),  # 1-D leaves stay as named.
+      "dense": boxed((4, 16), ("embed", "mlp")),  # Already on fsdp.
+  }
+  abstract = jax.eval_shape(lambda: tree)
+  specs = {k: v.spec for k, v in parallel.logical_to_shardings(abstract, mesh, rules).items()}
+  assert specs == {"conv": P(None, None, "fsdp", "tensor"), "pixels": P("tensor", "fsdp"),
+                   "odd": P(None, None, None), "bias": P("tensor"),
+                   "dense": P("fsdp", "tensor")}
+
+
 def test_batch_sharding_splits_over_data_and_fsdp():
   mesh = parallel.create_mesh(_mesh_config(2, 2, 2))
   x = jax.device_put(jnp.zeros((8, 4)), parallel.batch_sharding(mesh))

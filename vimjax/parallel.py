@@ -6,7 +6,8 @@ Model code names *logical* axes only (see `LOGICAL_AXES`); the rules in
 A sharding strategy is just the axis sizes (with `DEFAULT_RULES`):
   data parallel   mesh.data=-1                 batch split, weights replicated
   FSDP            mesh.fsdp=-1                 batch and every `embed` dim of params,
-                                               grads and optimizer state split
+                                               grads and optimizer state split (kernels
+                                               without one: their largest free dim)
   tensor (TP)     mesh.tensor=N, mesh.data=-1  heads / mlp / vocab / channels split
   combinations    e.g. data=2, fsdp=-1, tensor=4
 """
@@ -115,6 +116,24 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   return P(*fitted)
 
 
+def _fsdp_fallback(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Splits a kernel that no logical name puts on `fsdp` over its largest free dim.
+
+  FSDP means every weight is split over `fsdp`, but some kernels have no
+  `embed` dim (a conv's [kh, kw, in, out] with tensor-split or odd channels, a
+  pixel head [mlp, p*p*c]). As big_vision's fsdp sharding does, the largest
+  unsharded dim that `fsdp` divides is split; 0- and 1-D leaves stay as named.
+  """
+  size = mesh.shape.get("fsdp", 1)
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  used = {a for e in entries if e for a in (e if isinstance(e, tuple) else (e,))}
+  free = [i for i, d in enumerate(shape) if entries[i] is None and d % size == 0]
+  if size == 1 or len(shape) < 2 or "fsdp" in used or not free:
+    return spec
+  entries[max(free, key=lambda i: shape[i])] = "fsdp"
+  return P(*entries)
+
+
 def unbox(tree: Any) -> Any:
   """Strips `nn.Partitioned` boxes without adding sharding constraints."""
   return jax.tree.map(
@@ -126,13 +145,16 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   """Maps a tree that may hold `nn.Partitioned` boxes to NamedShardings.
 
   Leaves without logical names are replicated. Axes that do not divide a dim
-  are dropped for that array, so small or odd dims never fail to shard.
+  are dropped for that array, so small or odd dims never fail to shard. Kernels
+  (2-D and up) that no name puts on `fsdp` get it on their largest free dim
+  (`_fsdp_fallback`), so that FSDP splits every weight.
   """
   specs = nn.get_partition_spec(abstract_tree)
   mesh_specs = nn.logical_to_mesh(specs, rules)
   unboxed = unbox(abstract_tree)
   return jax.tree.map(
-      lambda spec, x: NamedSharding(mesh, _fit_spec(spec, x.shape, mesh)),
+      lambda spec, x: NamedSharding(
+          mesh, _fsdp_fallback(_fit_spec(spec, x.shape, mesh), x.shape, mesh)),
       mesh_specs, unboxed, is_leaf=lambda s: isinstance(s, P))
 
 
