@@ -112,7 +112,9 @@ def test_parti_and_tokenizer_train_steps_fit_a_v4_slice():
   assert train["estimated_step_time_s"] == roof["step_time_s"] > roof["compute_s"] > 0
   # DP2 x FSDP2 gathers the FSDP-sharded weights and reduces the gradients.
   assert roof["collective_bytes_by_kind"]["all-gather"] > 0
-  assert roof["collective_s"] == pytest.approx(roof["collective_bytes_per_chip"] / 9e10)
+  # Rings along 1 or 2 of the 2x2 slice's torus dims.
+  bytes_ = roof["collective_bytes_per_chip"]
+  assert bytes_ / 18e10 * 0.999 <= roof["collective_s"] <= bytes_ / 9e10 * 1.001
   assert train["mfu"] == pytest.approx(
       train["flops_per_step"] / (roof["step_time_s"] * 4 * 275e12))
 

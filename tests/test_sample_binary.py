@@ -12,6 +12,7 @@ import pytest
 from configs import parti as parti_config
 from configs import vim as vim_config
 from configs import vitvqgan
+from vimjax import checkpoint
 from vimjax import config_lib
 from vimjax import sample
 from vimjax.data import shapes
@@ -81,7 +82,7 @@ def workdirs(tmp_path_factory):
 
 
 def _sample(workdir, **kwargs):
-  return sample.sample_from_workdir(sample.load_workdir_config(workdir), workdir, **kwargs)
+  return sample.sample_from_workdir(checkpoint.load_workdir_config(workdir), workdir, **kwargs)
 
 
 def test_parti_cached_equals_uncached_and_outputs(workdirs, tmp_path):
@@ -131,8 +132,8 @@ def test_bad_requests_fail_with_one_line_errors(workdirs, tmp_path):
   with pytest.raises(ValueError, match="class-conditional"):
     _sample(workdirs["vim"])
   with pytest.raises(ValueError, match="has no config.json"):
-    sample.load_workdir_config(str(tmp_path / "missing"))
-  config = sample.load_workdir_config(workdirs["vim"])
+    checkpoint.load_workdir_config(str(tmp_path / "missing"))
+  config = checkpoint.load_workdir_config(workdirs["vim"])
   config.tokenizer_workdir = str(tmp_path / "nope")
   with pytest.raises(ValueError, match="tokenizer_workdir=.*does not exist"):
     sample.sample_from_workdir(config, workdirs["vim"], class_ids=[0])

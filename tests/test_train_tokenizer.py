@@ -149,6 +149,13 @@ def test_evaluate_binary_prints_metrics_json(tmp_path):
     assert key in result
   assert 0.0 < result["codebook_usage"] <= 1.0
   assert os.path.exists(os.path.join(workdir, "eval_grid.png"))
+  missing = str(tmp_path / "missing")
+  proc = subprocess.run([sys.executable, "-m", "vimjax.evaluate", f"--workdir={missing}"],
+                        capture_output=True, text=True, timeout=300, env=env)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: --workdir={missing!r} has no config.json; pass the workdir of a "
+      "`python -m vimjax.train` run.")
 
 
 # Paper Table 2 counts one side. Small (8 x 512/2048) holds 25M in its blocks

@@ -321,16 +321,16 @@ def estimate_step_time(config, devices, compiled) -> tuple[float | None, str]:
   return total, "compiler, unscanned 1- and 2-layer probes extrapolated to the depth"
 
 
-def roofline_estimate(config, compiled, chip: str, chips: int, peak: float,
+def roofline_estimate(config, compiled, mesh, chip: str, peak: float,
                       model_flops: float) -> dict:
-  """`roofline.estimate` of a compiled train step, with its collectives by kind."""
-  sent = roofline.collective_bytes(compiled.as_text(), chips)
+  """`roofline.estimate` of a compiled train step on `mesh`'s devices."""
+  # The program's logical device i is the mesh's i-th device (flattened).
+  coords = np.array([d.coords for d in mesh.devices.flat])
+  colls = roofline.collectives(compiled.as_text(), mesh.size, coords)
   executed = (model_flops if config.model.remat_policy == "none"
               else flops.model_flops_per_step(config, executed=True))
-  return {**roofline.estimate(model_flops=model_flops, executed_flops=executed,
-                              num_chips=chips, peak_flops=peak, sent_bytes=sent["total"],
-                              chip=chip),
-          "collective_bytes_by_kind": {k: v for k, v in sent.items() if k != "total"}}
+  return roofline.estimate(model_flops=model_flops, executed_flops=executed,
+                           num_chips=mesh.size, peak_flops=peak, colls=colls, chip=chip)
 
 
 def aot_train(config, devices, chip: str, hbm_bytes: int, peak: float, estimate: bool,
@@ -346,7 +346,7 @@ def aot_train(config, devices, chip: str, hbm_bytes: int, peak: float, estimate:
                " (does not fit)" if oom else "")
   model_flops = flops.model_flops_per_step(config)
   chips = len(devices)
-  rl = None if oom else roofline_estimate(config, compiled, chip, chips, peak, model_flops)
+  rl = None if oom else roofline_estimate(config, compiled, mesh, chip, peak, model_flops)
   if oom:
     seconds, source = None, "does not fit"
   elif estimate:

@@ -9,19 +9,27 @@ import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+
+
+def checkpoints_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints; a gs:// URL is kept as is, a local path made absolute.
+
+  A pod's processes must share the directory: a gs:// URL or a shared filesystem.
+  """
+  root = workdir if "://" in workdir else os.path.abspath(workdir)
+  return os.path.join(root, "checkpoints")
 
 
 class Checkpointer:
   """Saves {state, data, config} under `workdir/checkpoints/<step>`."""
 
   def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
-    # A pod's processes must share the directory: a gs:// URL (kept as is) or a
-    # shared filesystem.
-    root = workdir if "://" in workdir else os.path.abspath(workdir)
-    self.directory = os.path.join(root, "checkpoints")
+    self.directory = checkpoints_dir(workdir)
     self.every_steps = every_steps
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -61,6 +69,17 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_workdir_config(workdir: str, flag: str = "--workdir") -> ml_collections.ConfigDict:
+  """The config a training run saved as WORKDIR/config.json (local or gs://)."""
+  if not workdir:
+    raise ValueError(f"{flag} is required: a training workdir (it has config.json).")
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise ValueError(f"{flag}={workdir!r} has no config.json; pass the workdir of a "
+                     "`python -m vimjax.train` run.")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

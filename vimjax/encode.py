@@ -62,12 +62,7 @@ SHARD_GLOB = "tokens-*.array_record"
 
 def load_tokenizer_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a tokenizer run saved in `workdir/config.json`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"--tokenizer_workdir={workdir!r} has no config.json; pass the workdir of "
-                     "a `python -m vimjax.train --config=configs/vitvqgan.py` run.")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = checkpoint.load_workdir_config(workdir, "--tokenizer_workdir")
   if config.task != "tokenizer":
     raise ValueError(f"--tokenizer_workdir={workdir!r} holds a {config.task!r} run; "
                      "encode needs a 'tokenizer' run.")
@@ -89,7 +84,7 @@ def restore_generator(config, workdir: str, mesh, rules) -> tuple[dict, int]:
       parallel.unbox(boxed), parallel.logical_to_shardings(boxed, mesh, rules))
   group = "ema_params" if config.optimizer.ema_decay > 0 else "params"
   item = {group: {"generator": abstract}}
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+  manager = ocp.CheckpointManager(checkpoint.checkpoints_dir(workdir))
   step = manager.latest_step()
   if step is None:
     raise ValueError(f"--tokenizer_workdir={workdir!r} has no checkpoint under "

@@ -14,7 +14,6 @@ A sharding strategy is just the axis sizes (with `DEFAULT_RULES`):
 import math
 from typing import Any, Sequence
 
-from absl import logging
 import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils

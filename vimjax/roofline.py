@@ -17,15 +17,19 @@ with each computation weighted by how often it runs (a `while` body by its trip
 count, read from its condition). Per chip, with n devices in the group and
 ring algorithms: all-gather sends (n-1)/n of its result, reduce-scatter (n-1)
 times its result, all-reduce 2(n-1)/n of its operand, all-to-all (n-1)/n, and
-collective-permute its operand (unless it sends to itself). One collective runs
-over one torus axis as a bidirectional ring: 2 x the one-way bandwidth of a
-link (JAX scaling book, "How to Scale Your Model", part 2: v4 and v5e 4.5e10,
-v5p and v6e 9e10 bytes/s per link and direction).
+collective-permute its operand (unless it sends to itself). A collective whose
+replica group spans k torus dimensions (from the devices' coordinates) runs on
+bidirectional rings along all k: 2k x the one-way bandwidth of a link (JAX
+scaling book, "How to Scale Your Model", part 2: v4 and v5e 4.5e10, v5p and v6e
+9e10 bytes/s per link and direction). Collectives run one after another.
 """
 import collections
 import dataclasses
 import math
 import re
+from typing import Any
+
+import numpy as np
 
 # One-way ICI bandwidth of one link, bytes/s, by chip (aot_compile's names).
 ICI_LINK_BYTES_PER_S = {"v4": 4.5e10, "v5e": 4.5e10, "v5p": 9e10, "v6e": 9e10}
@@ -50,6 +54,7 @@ class Collective:
   group_size: int
   bytes_per_chip: float  # Sent by each chip, per execution.
   executions: int  # Per call of the program (while trip counts multiplied in).
+  torus_dims: int = 1  # Torus dimensions its replica group spans.
 
 
 def _array_bytes(type_text: str) -> list[float]:
@@ -123,19 +128,49 @@ def executions(computations: dict[str, list[str]], entry: str) -> dict[str, int]
   return dict(counts)
 
 
-def group_size(line: str, num_devices: int) -> int:
-  """Devices in each replica group of a collective instruction."""
-  iota = re.search(r"replica_groups=\[([\d,]+)\]<=", line)
+def replica_group(line: str, num_devices: int) -> np.ndarray:
+  """Logical device ids of the first replica group of a collective instruction."""
+  iota = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
   if iota:
-    return int(iota.group(1).split(",")[-1])
-  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    shape, dims = _ints(iota.group(1)), _ints(iota.group(2))
+    perm = _ints(iota.group(3)) if iota.group(3) else list(range(len(dims)))
+    return np.arange(math.prod(dims)).reshape(dims).transpose(perm).reshape(shape)[0]
+  # mesh['a'=2,'b'=4][, device_ids=(<iota or list>)] {'b'}: the group varies 'b'.
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\((.*?)\))?\s*\{([^}]*)\}",
+                   line)
   if mesh:
-    sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
-    return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", mesh.group(2)))
+    names, sizes = zip(*[(a, int(n)) for a, n in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))])
+    selected = set(re.findall(r"'([^']+)'", mesh.group(3)))
+    ids = _device_ids(mesh.group(2), math.prod(sizes)).reshape(sizes)
+    return ids[tuple(slice(None) if a in selected else 0 for a in names)].ravel()
   explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
   if explicit:
-    return len(explicit.group(1).split(","))
-  return num_devices  # replica_groups={} (or absent): all devices.
+    return np.array(_ints(explicit.group(1)))
+  return np.arange(num_devices)  # replica_groups={} (or absent): all devices.
+
+
+def _device_ids(text: str | None, size: int) -> np.ndarray:
+  """A mesh's device order: '[2,2]T(1,0)' (an iota, transposed), '0,2,1,3', or None."""
+  if not text:
+    return np.arange(size)
+  iota = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", text.strip())
+  if iota:
+    dims = _ints(iota.group(1))
+    perm = _ints(iota.group(2)) if iota.group(2) else list(range(len(dims)))
+    return np.arange(size).reshape(dims).transpose(perm).ravel()
+  return np.array(_ints(text))
+
+
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x]
+
+
+def torus_dims(ids: np.ndarray, device_coords: np.ndarray | None) -> int:
+  """How many torus dimensions the devices `ids` span (1 when coords are unknown)."""
+  if device_coords is None or not len(ids):
+    return 1
+  coords = device_coords[ids]
+  return max(1, sum(len(np.unique(coords[:, d])) > 1 for d in range(coords.shape[1])))
 
 
 def _bytes_sent(opcode: str, line: str, type_text: str, async_start: bool,
@@ -157,8 +192,14 @@ def _bytes_sent(opcode: str, line: str, type_text: str, async_start: bool,
   return total * (n - 1) / n  # all-gather (of its result), all-to-all.
 
 
-def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
-  """Every collective of a compiled (per-device) program, with bytes and counts."""
+def collectives(hlo_text: str, num_devices: int,
+                device_coords: np.ndarray | None = None) -> list[Collective]:
+  """Every collective of a compiled (per-device) program, with bytes and counts.
+
+  `device_coords` [num_devices, 3]: the torus coordinates of logical device i
+  (the program's device assignment: the mesh's devices, flattened), which say
+  how many torus dimensions each replica group spans.
+  """
   computations, entry = split_computations(hlo_text)
   runs = executions(computations, entry)
   out = []
@@ -171,31 +212,42 @@ def collectives(hlo_text: str, num_devices: int) -> list[Collective]:
       base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
       if base not in COLLECTIVES or name not in runs:
         continue
-      n = group_size(line, num_devices)
-      out.append(Collective(base, name, n, _bytes_sent(
-          base, line, type_text, opcode.endswith("-start"), n), runs[name]))
+      group = (np.arange(num_devices) if base == "collective-permute"
+               else replica_group(line, num_devices))
+      sent = _bytes_sent(base, line, type_text, opcode.endswith("-start"), len(group))
+      out.append(Collective(base, name, len(group), sent, runs[name],
+                            torus_dims(group, device_coords)))
   return out
 
 
-def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, float]:
+def collective_bytes(colls: list[Collective]) -> dict[str, float]:
   """Bytes each chip sends per call, by collective kind (plus "total")."""
   by_kind = collections.Counter()
-  for c in collectives(hlo_text, num_devices):
+  for c in colls:
     by_kind[c.opcode] += c.bytes_per_chip * c.executions
   return {**dict(by_kind), "total": float(sum(by_kind.values()))}
 
 
-def estimate(*, model_flops: float, executed_flops: float, num_chips: int,
-             peak_flops: float, sent_bytes: float, chip: str) -> dict[str, float]:
-  """The roofline step time and MFU (see the module docstring); global FLOPs in."""
+def collective_seconds(colls: list[Collective], chip: str) -> float:
+  """Time of the collectives, one after another, each on bidirectional rings
+  along every torus dimension its group spans."""
   if chip not in ICI_LINK_BYTES_PER_S:
     raise ValueError(f"No ICI bandwidth for chip {chip!r}; known: "
                      f"{sorted(ICI_LINK_BYTES_PER_S)}.")
+  link = ICI_LINK_BYTES_PER_S[chip]
+  return sum(c.bytes_per_chip * c.executions / (2 * link * c.torus_dims) for c in colls)
+
+
+def estimate(*, model_flops: float, executed_flops: float, num_chips: int,
+             peak_flops: float, colls: list[Collective], chip: str) -> dict[str, Any]:
+  """The roofline step time and MFU (see the module docstring); global FLOPs in."""
   compute_s = executed_flops / num_chips / peak_flops
-  collective_s = sent_bytes / (2 * ICI_LINK_BYTES_PER_S[chip])
+  collective_s = collective_seconds(colls, chip)
   step_s = compute_s + collective_s
+  sent = collective_bytes(colls)
   return {
       "compute_s": compute_s, "collective_s": collective_s,
-      "collective_bytes_per_chip": sent_bytes, "executed_flops": executed_flops,
+      "collective_bytes_per_chip": sent.pop("total"), "collective_bytes_by_kind": sent,
+      "executed_flops": executed_flops,
       "step_time_s": step_s, "mfu": model_flops / (step_s * num_chips * peak_flops),
   }

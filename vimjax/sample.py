@@ -38,7 +38,6 @@ import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import ml_collections
 from ml_collections import config_flags
 import numpy as np
 import orbax.checkpoint as ocp
@@ -57,18 +56,6 @@ from vimjax.train import tokenizer as tokenizer_task
 
 STAGE2 = ("vim", "parti")
 MAX_GRID_COLUMNS = 16
-
-
-def load_workdir_config(workdir: str, flag: str = "--workdir") -> ml_collections.ConfigDict:
-  """The config a training run saved as WORKDIR/config.json."""
-  if not workdir:
-    raise ValueError(f"{flag} is required: a training workdir (it has config.json).")
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise ValueError(f"{flag}={workdir!r} has no config.json; pass the workdir of a "
-                     "`python -m vimjax.train` run.")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
@@ -94,8 +81,8 @@ def restore_params(workdir: str, abstract, shardings, *, group: str, ema: bool):
   Returns:
     (params, step).
   """
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
+  directory = checkpoint.checkpoints_dir(workdir)
+  if not epath.Path(directory).is_dir():
     raise ValueError(f"{workdir!r} has no checkpoints/ folder; train it first with "
                      "`python -m vimjax.train`.")
   manager = ocp.CheckpointManager(directory)
@@ -130,7 +117,7 @@ def decode_tokens(model: vit_vqgan.Model, params, tokens):
 
 def load_tokenizer(tokenizer_workdir: str, mesh, rules):
   """(tokenizer config, vit_vqgan.Model, generator params sharded on `mesh`)."""
-  tok_config = load_workdir_config(tokenizer_workdir, "tokenizer_workdir")
+  tok_config = checkpoint.load_workdir_config(tokenizer_workdir, "--tokenizer_workdir")
   if tok_config.get("task") != "tokenizer":
     raise ValueError(f"tokenizer_workdir={tokenizer_workdir!r} holds task="
                      f"{tok_config.get('task')!r}; it must be a tokenizer workdir.")
@@ -184,11 +171,10 @@ def _is_shapes(config) -> bool:
   """Whether the tokens come from the embedded shapes dataset (via the tokenizer's config)."""
   if config.data.source == "shapes":
     return True
-  path = os.path.join(config.tokenizer_workdir, "config.json")
-  if not os.path.exists(path):
+  path = epath.Path(config.tokenizer_workdir) / "config.json"
+  if not config.tokenizer_workdir or not path.exists():
     return False
-  with open(path) as f:
-    return json.load(f).get("data", {}).get("source") == "shapes"
+  return json.loads(path.read_text()).get("data", {}).get("source") == "shapes"
 
 
 def _class_caption(config, label: int) -> str:
@@ -229,7 +215,7 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
   """Samples and decodes images from a VIM/Parti workdir.
 
   Args:
-    config: the workdir's config (`load_workdir_config`, possibly overridden).
+    config: the workdir's config (`checkpoint.load_workdir_config`, possibly overridden).
     workdir: the stage-2 training workdir (latest checkpoint is used).
     prompts: Parti prompts.
     class_ids: VIM class ids (empty for an unconditional VIM).
@@ -252,7 +238,7 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
                      f"needs a stage-2 workdir (task one of {STAGE2}).")
   if num_samples < 1:
     raise ValueError(f"--num_samples={num_samples} must be >= 1.")
-  if not config.tokenizer_workdir or not os.path.isdir(config.tokenizer_workdir):
+  if not config.tokenizer_workdir or not epath.Path(config.tokenizer_workdir).is_dir():
     raise ValueError(f"tokenizer_workdir={config.tokenizer_workdir!r} (from {workdir!r}'s "
                      "config) does not exist; pass --config.tokenizer_workdir=DIR.")
   s = config.sampling
@@ -379,7 +365,7 @@ if __name__ == "__main__":
   _parser.add_argument("--workdir", default=None)
   _known, _ = _parser.parse_known_args(sys.argv[1:])
   try:
-    _saved = load_workdir_config(_known.workdir)
+    _saved = checkpoint.load_workdir_config(_known.workdir)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   _define_flags()
