@@ -29,6 +29,7 @@ import math
 import re
 from typing import Any
 
+from absl import logging
 import numpy as np
 
 # One-way ICI bandwidth of one link, bytes/s, by chip (aot_compile's names).
@@ -111,7 +112,11 @@ def executions(computations: dict[str, list[str]], entry: str) -> dict[str, int]
       callees = dict((kind, callee) for kind, callee in _CALLEES.findall(line))
       factor = 1
       if "body" in callees:
-        factor = trip_count(computations.get(callees.get("condition"), [])) or 1
+        factor = trip_count(computations.get(callees.get("condition"), []))
+        if factor is None:
+          logging.warning("while body %s: no trip count in its condition; counted once "
+                          "(collective bytes are a lower bound).", callees["body"])
+          factor = 1
       for kind, callee in callees.items():
         calls[name].append((callee, factor if kind in ("body", "condition") else 1))
       branches = _BRANCHES.search(line)
