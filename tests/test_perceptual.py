@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from vimjax import convert_weights
+from vimjax import roofline
 from vimjax.models import perceptual
 
 SIZE = 32
@@ -211,3 +212,17 @@ def test_load_torch_without_torch_names_the_fix(monkeypatch):
   monkeypatch.setattr(builtins, "__import__", no_torch)
   with pytest.raises(ImportError, match="pip install torch"):
     convert_weights._load_torch("x.pth")  # pylint: disable=protected-access
+
+
+def test_lpips_under_batch_sharding_moves_no_activations_between_devices(lpips):
+  # Each device's examples stay on it: only the weights' gradients are reduced.
+  model, params, _ = lpips
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  loss = lambda p, a, b: model.apply({"params": p}, a, b).sum()
+  fn = jax.jit(jax.grad(loss, argnums=(0, 1)), in_shardings=(repl, batch, batch))
+  images = _images(0, b=8)
+  text = fn.lower(params, images, images).compile().as_text()
+  kinds = {c.opcode for c in roofline.collectives(text, 8)}
+  assert kinds <= {"all-reduce"}, kinds

@@ -143,10 +143,10 @@ class LPIPS(nn.Module):
     if images0.ndim != 4 or min(images0.shape[1:3]) < 16:
       raise ValueError(f"LPIPS needs [b, h, w, 3] images with h, w >= 16 (four VGG "
                        f"poolings), got shape {images0.shape}.")
-    b = images0.shape[0]
-    # One VGG pass over both (bigger matmuls, one compile).
-    taps = self.features(jnp.concatenate([images0, images1], axis=0))
-    return self.distance_from_features([t[:b] for t in taps], [t[b:] for t in taps])
+    # Two VGG passes, not one over the two batches concatenated: under batch
+    # sharding, slicing the halves back out moves every tap between devices
+    # (18.6 GB of collective-permutes per chip per step for ViT-VQGAN SS on 8 chips).
+    return self.distance_from_features(self.features(images0), self.features(images1))
 
 
 def flatten_params(tree: Any) -> dict[str, np.ndarray]:
