@@ -122,14 +122,22 @@ def executions(computations: dict[str, list[str]], entry: str) -> dict[str, int]
       branches = _BRANCHES.search(line)
       if branches:
         calls[name] += [(b.strip().lstrip("%"), 1) for b in branches.group(1).split(",")]
-  counts = collections.Counter()
+  # Callers before callees (the call graph is a DAG), then counts flow down once
+  # per edge: shared callees (reductions, fusions) are not walked per caller.
+  order, seen = [], set()
 
-  def visit(name: str, times: int) -> None:
-    counts[name] += times
+  def post_order(name: str) -> None:
+    seen.add(name)
+    for callee, _ in calls.get(name, ()):
+      if callee not in seen:
+        post_order(callee)
+    order.append(name)
+
+  post_order(entry)
+  counts = collections.Counter({entry: 1})
+  for name in reversed(order):
     for callee, factor in calls.get(name, ()):
-      visit(callee, times * factor)
-
-  visit(entry, 1)
+      counts[callee] += counts[name] * factor
   return dict(counts)
 
 
