@@ -321,12 +321,12 @@ def estimate_step_time(config, devices, compiled) -> tuple[float | None, str]:
   return total, "compiler, unscanned 1- and 2-layer probes extrapolated to the depth"
 
 
-def roofline_estimate(config, compiled, mesh, chip: str, peak: float,
+def roofline_estimate(config, hlo_text: str, mesh, chip: str, peak: float,
                       model_flops: float) -> dict:
-  """`roofline.estimate` of a compiled train step on `mesh`'s devices."""
+  """`roofline.estimate` of a compiled train step (its HLO text) on `mesh`'s devices."""
   # The program's logical device i is the mesh's i-th device (flattened).
   coords = np.array([d.coords for d in mesh.devices.flat])
-  colls = roofline.collectives(compiled.as_text(), mesh.size, coords)
+  colls = roofline.collectives(hlo_text, mesh.size, coords)
   executed = (model_flops if config.model.remat_policy == "none"
               else flops.model_flops_per_step(config, executed=True))
   return roofline.estimate(model_flops=model_flops, executed_flops=executed,
@@ -338,15 +338,15 @@ def aot_train(config, devices, chip: str, hbm_bytes: int, peak: float, estimate:
   """Compiles the train step on the slice; memory, FLOPs, estimated time and MFU."""
   compiled, state, mesh, compile_s = _compile_train(config, devices)
   oom = isinstance(compiled, OutOfMemory)
-  if hlo_dir and not oom:
-    path = epath.Path(hlo_dir) / "train_step.hlo.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(compiled.as_text())
+  hlo_text = None if oom else compiled.as_text()  # Tens of MB for the paper sizes.
+  if hlo_dir and hlo_text:
+    epath.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(hlo_dir) / "train_step.hlo.txt").write_text(hlo_text)
   logging.info("Compiled the train step in %.1f s%s.", compile_s,
                " (does not fit)" if oom else "")
   model_flops = flops.model_flops_per_step(config)
   chips = len(devices)
-  rl = None if oom else roofline_estimate(config, compiled, mesh, chip, peak, model_flops)
+  rl = None if oom else roofline_estimate(config, hlo_text, mesh, chip, peak, model_flops)
   if oom:
     seconds, source = None, "does not fit"
   elif estimate:
