@@ -21,6 +21,7 @@ Stage 2 trains on pre-computed token ids: `data.source` and
 """
 import ml_collections
 
+from vimjax import config_lib
 from vimjax import parallel
 
 # Paper Table 1: (encoder layers, decoder layers, d_model, mlp, heads).
@@ -50,6 +51,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.eval_every_steps = 300 if tiny else 10_000
   c.keep_checkpoints = 3
   c.num_eval_images = 64 if tiny else 30_000  # Eval examples (prompts / samples).
+  # Zero-shot MS-COCO FID: 30k samples for val2014 captions against its reference statistics.
+  c.eval = config_lib.eval_config(num_images=64 if tiny else 30_000)
   c.peak_flops_per_device = 0.0
   # Stage-1 workdir whose decoder turns sampled tokens into images.
   c.tokenizer_workdir = "/tmp/vq_tiny" if tiny else ""

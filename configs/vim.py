@@ -19,6 +19,7 @@ the stage-1 tokenizer in `tokenizer_workdir`, e.g.
 """
 import ml_collections
 
+from vimjax import config_lib
 from vimjax import parallel
 
 # Paper (ViT-VQGAN Table 2): (blocks, heads, dim, mlp).
@@ -46,6 +47,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.eval_every_steps = 300 if tiny else 10_000
   c.keep_checkpoints = 3
   c.num_eval_images = 64 if tiny else 50_000  # Eval examples (token sequences / samples).
+  # FID / IS of 50k class-balanced samples against ImageNet reference statistics.
+  c.eval = config_lib.eval_config(num_images=64 if tiny else 50_000)
   c.peak_flops_per_device = 0.0
   # Stage-1 workdir whose decoder turns sampled tokens into images.
   c.tokenizer_workdir = "/tmp/vq_tiny" if tiny else ""

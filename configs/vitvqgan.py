@@ -18,6 +18,7 @@ decoder): `--config.finetune_decoder_from=/path/to/tokenizer_workdir
 """
 import ml_collections
 
+from vimjax import config_lib
 from vimjax import parallel
 
 # Paper Table 2 (one side): (blocks, heads, dim, mlp).
@@ -53,6 +54,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.eval_every_steps = 600 if tiny else 10_000
   c.keep_checkpoints = 3
   c.num_eval_images = 256 if tiny else 10_000
+  # rFID (reconstructions vs originals) over the 50k ImageNet validation images.
+  c.eval = config_lib.eval_config(num_images=256 if tiny else 50_000)
   # Peak FLOP/s per device for MFU; 0 = known table for TPU/GPU, else measured.
   c.peak_flops_per_device = 0.0
   # Decoder fine-tuning (Parti): workdir of a trained tokenizer whose encoder and

@@ -2,15 +2,38 @@
 import json
 import os
 
+import ml_collections
+
 from vimjax import parallel
 from vimjax.data import text
 from vimjax.models import layers
 
 REQUIRED_KEYS = ("task", "seed", "total_steps", "global_batch_size", "log_every_steps",
                  "checkpoint_every_steps", "eval_every_steps", "mesh.data", "mesh.fsdp",
-                 "mesh.tensor", "data.source", "data.image_size", "model", "optimizer")
+                 "mesh.tensor", "data.source", "data.image_size", "model", "optimizer",
+                 "eval.inception_weights", "eval.fid_reference", "eval.num_images")
 TASKS = ("tokenizer", "vim", "parti")
 STAGE2_TASKS = ("vim", "parti")
+
+
+INCEPTION_MIN_SIZE = 75  # models/inception.py MIN_SIZE (not imported: it pulls in flax).
+CONVERT_INCEPTION_HINT = "make it with `python -m vimjax.convert_inception`"
+
+
+def eval_config(num_images: int) -> ml_collections.ConfigDict:
+  """The `eval` section: Inception metrics (FID / IS / rFID) in evaluate and training.
+
+  Empty `inception_weights` turns them off. `num_images`: 50000 for ImageNet,
+  30000 for COCO (README "Evaluation protocol").
+  """
+  return ml_collections.ConfigDict(dict(
+      inception_weights="",  # .npz from `python -m vimjax.convert_inception`.
+      fid_reference="",      # mu/sigma .npz (pytorch-fid / ADM); needed for VIM/Parti.
+      num_images=num_images,  # Eval images (tokenizer) or samples (VIM/Parti).
+      inception_size=299,     # Resize target; 299 for comparable numbers.
+      batch_size=256,         # Images per sharded Inception call.
+      seed=0,                 # Sampling seed of the FID samples.
+  ))
 
 
 def _get(config, dotted: str):
@@ -74,6 +97,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     if "://" not in path and not os.path.exists(path):
       raise ValueError(f"loss.perceptual_weights={path!r} does not exist "
                        "(make it with `python -m vimjax.convert_weights`).")
+  _validate_eval(config)
   if config.task == "tokenizer":
     _validate_tokenizer(config)
   if config.task in STAGE2_TASKS:
@@ -87,6 +111,32 @@ def _validate_tokenizer(config) -> None:
   if config.model.quantizer == "fsq" and config.loss.entropy_weight > 0:
     raise ValueError(f"loss.entropy_weight={config.loss.entropy_weight} needs "
                      "model.quantizer='factorized' (FSQ has no code similarities); set it to 0.")
+
+
+def _validate_eval(config) -> None:
+  """Inception metrics: weights and (VIM/Parti) reference statistics exist."""
+  e = config.eval
+  if not e.inception_weights:
+    return
+  if "://" not in e.inception_weights and not os.path.exists(e.inception_weights):
+    raise ValueError(f"eval.inception_weights={e.inception_weights!r} does not exist; "
+                     f"{CONVERT_INCEPTION_HINT}.")
+  if int(e.num_images) < 2:
+    raise ValueError(f"eval.num_images={e.num_images} must be >= 2 (50000 for ImageNet FID, "
+                     "30000 for COCO).")
+  if int(e.inception_size) < INCEPTION_MIN_SIZE:
+    raise ValueError(f"eval.inception_size={e.inception_size} must be >= {INCEPTION_MIN_SIZE} "
+                     "(299 for comparable numbers).")
+  if int(e.batch_size) < 1:
+    raise ValueError(f"eval.batch_size={e.batch_size} must be a positive integer.")
+  if config.task in STAGE2_TASKS:
+    ref = e.fid_reference
+    if not ref:
+      raise ValueError("eval.inception_weights is set but eval.fid_reference is empty: FID of "
+                       "samples needs reference statistics (`python -m vimjax.fid --images=DIR "
+                       "--out=REF.npz`, or ADM's VIRTUAL_imagenet256_labeled.npz).")
+    if "://" not in ref and not os.path.exists(ref):
+      raise ValueError(f"eval.fid_reference={ref!r} does not exist.")
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")

@@ -3,6 +3,14 @@
 Evaluates the latest checkpoint of a training workdir with the config saved
 there (overridable with --config.*): a final JSON line of the task's metrics
 (tokenizer: psnr, ssim, l1, l2, codebook_usage, perplexity) and a PNG grid.
+
+With Inception weights (`--config.eval.inception_weights=inception_fid.npz`,
+from `python -m vimjax.convert_inception`) it adds the Inception metrics:
+a tokenizer's rFID (reconstructions vs the originals of `eval.num_images` eval
+images, plus rsfid, rprecision, rrecall, inception_score), and for VIM / Parti
+the fid, sfid, inception_score (and precision / recall when the reference
+holds features) of `eval.num_images` samples against
+`--config.eval.fid_reference=REF.npz` (README "Evaluation protocol").
 """
 import argparse
 import sys
@@ -12,6 +20,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vimjax import checkpoint
+from vimjax import config_lib
 from vimjax import runtime
 from vimjax.train import loop
 
@@ -23,7 +32,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.initialize()
   config = flags.FLAGS.config
-  metrics = loop.evaluate_workdir(config, _WORKDIR.value)
+  try:
+    metrics = loop.evaluate_workdir(config, _WORKDIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
   runtime.emit_result(metrics, _WORKDIR.value, "eval_result")
 
 
@@ -36,5 +48,7 @@ if __name__ == "__main__":
     saved = checkpoint.load_workdir_config(known.workdir)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
+  if "eval" not in saved:  # Workdirs trained before the Inception metrics existed.
+    saved.eval = config_lib.eval_config(num_images=saved.num_eval_images)
   config_flags.DEFINE_config_dict("config", saved)
   app.run(main)

@@ -24,6 +24,7 @@ from vimjax import config_lib
 from vimjax import flops
 from vimjax import parallel
 from vimjax.data import pipeline
+from vimjax.evaluation import generative
 from vimjax.evaluation import grid
 
 
@@ -140,6 +141,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     state = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract, shardings), None)
     ckpt.close()
     metrics, images = evaluate(task, jit_eval_step(task, shardings, mesh), state, config, mesh)
+    metrics.update(generative.fid_metrics(config, state, mesh, task))  # {} without weights.
   if images is not None and jax.process_index() == 0:
     grid.write_image_grid(os.path.join(workdir, "eval_grid.png"), images, columns=8,
                           upscale=max(1, 128 // images.shape[1]))
@@ -194,6 +196,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     step_fn = jit_train_step(task, state_sh, mesh)
     eval_fn = jit_eval_step(task, state_sh, mesh)
+    fid_extractor = generative.make_extractor(config, mesh) if generative.enabled(config) else None
     batch, skipped = _device_batch(next(train_iter), mesh)
     compiled = step_fn.lower(state, batch, step_rng, task.frozen).compile()
     compiled_flops = flops.compiled_flops(compiled)
@@ -239,6 +242,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
       if step % config.eval_every_steps == 0 or step == config.total_steps:
         eval_metrics, images = evaluate(task, eval_fn, state, config, mesh)
+        if fid_extractor is not None:  # FID / IS / rFID (config.eval), logged as eval/*.
+          eval_metrics.update(generative.fid_metrics(config, state, mesh, task, fid_extractor))
         writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
         if images is not None and jax.process_index() == 0:
           tiles = grid.write_image_grid(os.path.join(workdir, f"eval_{step}.png"), images,

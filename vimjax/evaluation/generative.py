@@ -1,0 +1,150 @@
+"""FID in the workflow: rFID of a tokenizer, FID / IS of VIM and Parti samples.
+
+Run by `vimjax.evaluate` and, every `eval_every_steps`, by the training loop
+when `config.eval.inception_weights` is set (`config.eval`: see
+`config_lib.eval_config`, checked by `config_lib.validate`):
+- tokenizer: `config.eval.num_images` eval images and their reconstructions;
+  rFID = FID(reconstructions, originals), as the ViT-VQGAN paper reports it,
+  plus sFID, precision/recall and the Inception Score of the reconstructions.
+- VIM / Parti: `config.eval.num_images` samples (VIM: class-balanced labels
+  i % num_classes; Parti: the eval split's captions in order), drawn with
+  `config.sampling` from `fold_in(key(config.eval.seed), chunk)`, decoded by
+  the stage-1 tokenizer, scored against `config.eval.fid_reference` (a
+  pytorch-fid / ADM statistics file): fid, sfid (when the reference has
+  spatial stats), precision/recall (when it holds `pool` features) and the
+  Inception Score.
+Images are quantised to 8 bits before Inception, as PNGs would be.
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vimjax import parallel
+from vimjax import sampling
+from vimjax.data import pipeline
+from vimjax.evaluation import inception_features
+from vimjax.evaluation import inception_metrics
+from vimjax.models import inception
+
+STAGE2 = ("vim", "parti")
+
+
+def enabled(config) -> bool:
+  return bool(config.eval.inception_weights)
+
+
+def make_extractor(config, mesh) -> inception_features.Extractor:
+  params = inception.load_inception_params(config.eval.inception_weights)
+  return inception_features.Extractor(params, mesh, size=int(config.eval.inception_size),
+                                      batch_size=int(config.eval.batch_size))
+
+
+def _host(x) -> np.ndarray:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def _eval_batches(config, transforms=()):
+  """Host eval batches (dicts), at most config.eval.num_images valid rows in all."""
+  iterator = pipeline.create_iterator(
+      config.data, split="eval", global_batch_size=config.global_batch_size,
+      seed=config.seed, train=False, transforms=transforms)
+  seen = 0
+  for batch in iterator:
+    if seen >= config.eval.num_images:
+      return
+    valid = np.asarray(batch["mask"]) > 0
+    take = np.flatnonzero(valid)[:config.eval.num_images - seen]
+    seen += len(take)
+    yield batch, take
+
+
+def tokenizer_metrics(config, state, mesh, extractor) -> dict[str, float]:
+  """rFID etc. of the tokenizer in `state` on `config.eval.num_images` eval images."""
+  from vimjax.train import tokenizer  # pylint: disable=g-import-not-at-top
+  model = tokenizer.build_model(config)
+  params = state.ema_params["generator"] if config.optimizer.ema_decay > 0 else state.params[
+      "generator"]
+  data_sharding = parallel.batch_sharding(mesh)
+  reconstruct = jax.jit(
+      lambda p, x: jnp.clip(model.apply({"params": p}, x, train=False)[0]["image"], 0.0, 1.0),
+      in_shardings=(None, data_sharding), out_shardings=parallel.replicated(mesh))
+  originals, reconstructions = [], []
+  for batch, take in _eval_batches(config):
+    images = np.asarray(batch["image"], np.float32)
+    x = jax.make_array_from_callback(images.shape, data_sharding, lambda i: images[i])
+    recon = np.asarray(jax.device_get(reconstruct(params, x)))
+    originals.append(extractor.extract([images[take]], name="originals"))
+    reconstructions.append(extractor.extract([recon[take]], name="reconstructions"))
+  cat = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  real, fake = cat(originals), cat(reconstructions)
+  scores = inception_metrics.compare(fake, real)
+  return {"rfid": scores.pop("fid"), **{f"r{k}" if k != "inception_score" else k: v
+                                        for k, v in scores.items()},
+          "fid_num_images": len(real["pool"])}
+
+
+def _conditions(config, model, num_images: int, transforms) -> list[tuple[int, Any]]:
+  """Per chunk (number of images, condition): VIM labels [n] (None if unconditional),
+  Parti text_ids [n, L]."""
+  chunk = config.global_batch_size
+  if config.task == "vim":
+    labels = (np.arange(num_images) % max(model.num_classes, 1)).astype(np.int32)
+    return [(len(labels[s:s + chunk]), None if model.num_classes == 0 else labels[s:s + chunk])
+            for s in range(0, num_images, chunk)]
+  texts = [np.asarray(batch["text_ids"])[take] for batch, take in
+           _eval_batches(config, transforms)]
+  texts = np.concatenate(texts)[:num_images]
+  return [(len(texts[s:s + chunk]), texts[s:s + chunk]) for s in range(0, len(texts), chunk)]
+
+
+def stage2_metrics(config, state, mesh, extractor, task) -> dict[str, float]:
+  """FID / IS of `config.eval.num_images` samples of the VIM/Parti model in `state`."""
+  from vimjax import sample as sample_lib  # pylint: disable=g-import-not-at-top
+  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
+  rules = parallel.rules_from_config(config.mesh)
+  model = tasks.TASKS[config.task].build_model(config)
+  params = state.ema_params["model"] if config.optimizer.ema_decay > 0 else state.params["model"]
+  _, tok_model, tok_params = sample_lib.load_tokenizer(config.tokenizer_workdir, mesh, rules)
+  s = config.sampling
+  settings = dict(cfg_scale=s.cfg_scale, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                  use_cache=s.use_cache)
+  dp = parallel.data_parallel_size(mesh)
+  data_sharding = parallel.batch_sharding(mesh)
+
+  def image_batches():
+    for c, (n, cond) in enumerate(_conditions(config, model, int(config.eval.num_images),
+                                              task.data_transforms)):
+      rng = jax.random.fold_in(jax.random.key(config.eval.seed), c)
+      padded = -(-n // dp) * dp
+      if config.task == "vim":
+        x = None if cond is None else np.resize(cond, padded)
+        x = None if x is None else jax.device_put(x, data_sharding)
+        tokens = sampling.sample_vim(model, params, x, rng=rng, batch_size=padded, **settings)
+      else:
+        x = jax.device_put(np.resize(cond, (padded,) + cond.shape[1:]), data_sharding)
+        tokens = sampling.sample_parti(model, params, x, rng=rng, **settings)
+      images = _host(sample_lib.decode_tokens(tok_model, tok_params, tokens))[:n]
+      yield np.clip(images.astype(np.float32), 0.0, 1.0)
+
+  features = extractor.extract(image_batches(), int(config.eval.num_images), name="samples")
+  ref = inception_metrics.load_stats(config.eval.fid_reference)
+  ref.pop("images", None)  # An ADM batch's images: use `python -m vimjax.fid` for its P/R.
+  scores = inception_metrics.compare({**inception_metrics.stats_from_features(features),
+                                      "pool": features["pool"], "logits": features["logits"]},
+                                     ref)
+  return {**scores, "fid_num_images": len(features["pool"])}
+
+
+def fid_metrics(config, state, mesh, task, extractor=None) -> dict[str, float]:
+  """The task's Inception metrics ({} when config.eval.inception_weights is unset)."""
+  if not enabled(config):
+    return {}
+  extractor = extractor or make_extractor(config, mesh)
+  if config.task == "tokenizer":
+    return tokenizer_metrics(config, state, mesh, extractor)
+  return stage2_metrics(config, state, mesh, extractor, task)

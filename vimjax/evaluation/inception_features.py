@@ -1,0 +1,149 @@
+"""Inception features of image batches, sharded over the mesh, with progress in the log.
+
+`Extractor` holds the frozen Inception weights replicated on the mesh and one
+jitted function: images [b, h, w, 3] batch-sharded over (data, fsdp) ->
+{"pool", "spatial", "logits"} (see models/inception.py). Image sources for the
+`fid` binary: a folder of PNG/JPEG files or an .npz of uint8 images (`arr_0`,
+the ADM sample-batch convention, or `images`).
+"""
+import os
+import time
+from typing import Iterable, Iterator
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+from PIL import Image
+
+from vimjax import parallel
+from vimjax.models import inception
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PROGRESS_EVERY_S = 10.0
+
+
+class Extractor:
+  """Sharded Inception feature extraction.
+
+  Args:
+    params: Inception params (`inception.load_inception_params`, or random
+      ones in tests).
+    mesh: the mesh; batches are split over its data and fsdp axes.
+    size: the resize target (299 for comparable numbers).
+    batch_size: images per call, rounded up to a multiple of the data-parallel size.
+  """
+
+  def __init__(self, params, mesh, *, size: int = inception.FID_SIZE, batch_size: int = 256):
+    self.mesh = mesh
+    self.size = size
+    dp = parallel.data_parallel_size(mesh)
+    self.batch_size = -(-batch_size // dp) * dp
+    self._batch_sharding = parallel.batch_sharding(mesh)
+    self.params = jax.device_put(params, parallel.replicated(mesh))
+    model = inception.InceptionV3()
+
+    def features(p, images):
+      return model.apply({"params": p}, inception.preprocess(images, size))
+
+    # Replicated outputs: every process can fetch them (they are small per image).
+    self._fn = jax.jit(features, in_shardings=(parallel.replicated(mesh), self._batch_sharding),
+                       out_shardings=parallel.replicated(mesh))
+
+  def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Features of one host batch (the same global batch on every process).
+
+    Args:
+      images: [n, h, w, 3] uint8, or float in [0, 1]; n <= batch_size.
+
+    Returns:
+      {"pool": [n, 2048], "spatial": [n, h'*w'*7] (h, w, c order as ADM),
+       "logits": [n, 1008]} float32 NumPy.
+    """
+    n = len(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"Images must be [n, h, w, 3], got shape {images.shape}.")
+    if not 0 < n <= self.batch_size:
+      raise ValueError(f"A batch of {n} images; expected 1..{self.batch_size}.")
+    if n < self.batch_size:  # One compiled shape: pad with copies of the last image.
+      images = np.concatenate([images, np.repeat(images[-1:], self.batch_size - n, axis=0)])
+    x = jax.make_array_from_callback(images.shape, self._batch_sharding, lambda i: images[i])
+    out = jax.device_get(self._fn(self.params, x))
+    return {"pool": np.asarray(out["pool"][:n]),
+            "spatial": np.asarray(out["spatial"][:n]).reshape(n, -1),
+            "logits": np.asarray(out["logits"][:n])}
+
+  def extract(self, batches: Iterable[np.ndarray], total: int | None = None,
+              name: str = "images") -> dict[str, np.ndarray]:
+    """Concatenated features of every batch, logging progress every 10 s."""
+    outputs, seen, start, last = [], 0, time.perf_counter(), time.perf_counter()
+    for images in batches:
+      for s in range(0, len(images), self.batch_size):
+        outputs.append(self(images[s:s + self.batch_size]))
+        seen += len(outputs[-1]["pool"])
+      now = time.perf_counter()
+      if now - last > PROGRESS_EVERY_S:
+        logging.info("Inception features of %s: %d%s images, %.1f images/s.", name, seen,
+                     f"/{total}" if total else "", seen / (now - start))
+        last = now
+    if not outputs:
+      raise ValueError(f"No {name} to compute Inception features of.")
+    logging.info("Inception features of %s: %d images in %.1f s.", name, seen,
+                 time.perf_counter() - start)
+    return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+
+
+def _check_images(images: np.ndarray, source: str) -> np.ndarray:
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise ValueError(f"{source}: images must be uint8 [n, h, w, 3], got {images.dtype} "
+                     f"{images.shape}.")
+  return images
+
+
+def load_npz_images(path: str) -> np.ndarray:
+  """uint8 [n, h, w, 3] from `arr_0` (ADM batches) or `images` of an .npz."""
+  with epath.Path(path).open("rb") as f, np.load(f) as data:
+    for key in ("arr_0", "images"):
+      if key in data.files:
+        return _check_images(np.asarray(data[key]), f"{path}[{key!r}]")
+    raise ValueError(f"{path!r} holds no images: expected an 'arr_0' or 'images' array "
+                     f"(uint8 [n, h, w, 3]), found {sorted(data.files)}.")
+
+
+def image_files(directory: str) -> list[str]:
+  """Sorted image files under `directory` (recursive)."""
+  files = sorted(str(p) for p in epath.Path(directory).rglob("*")
+                 if p.suffix.lower() in IMAGE_SUFFIXES)
+  if not files:
+    raise ValueError(f"--images={directory!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+  return files
+
+
+def folder_batches(files: list[str], batch_size: int) -> Iterator[np.ndarray]:
+  """uint8 batches [<= batch_size, h, w, 3] of RGB images; all must share one size."""
+  shape = None
+  for start in range(0, len(files), batch_size):
+    batch = []
+    for path in files[start:start + batch_size]:
+      with epath.Path(path).open("rb") as f:
+        image = np.asarray(Image.open(f).convert("RGB"))
+      if shape is None:
+        shape = image.shape
+      elif image.shape != shape:
+        raise ValueError(f"{path!r} is {image.shape[1]}x{image.shape[0]} but earlier images "
+                         f"are {shape[1]}x{shape[0]}; resize the set to one size first.")
+      batch.append(image)
+    yield np.stack(batch)
+
+
+def image_batches(source: str, batch_size: int) -> tuple[Iterator[np.ndarray], int]:
+  """(uint8 batches, number of images) of a folder or an .npz of images."""
+  if source.endswith(".npz"):
+    if "://" not in source and not os.path.exists(source):
+      raise FileNotFoundError(f"--images={source!r} not found.")
+    images = load_npz_images(source)
+    return (images[s:s + batch_size] for s in range(0, len(images), batch_size)), len(images)
+  if not epath.Path(source).is_dir():
+    raise ValueError(f"--images={source!r} is neither a folder of images nor an .npz.")
+  files = image_files(source)
+  return folder_batches(files, batch_size), len(files)

@@ -1,0 +1,113 @@
+r"""python -m vimjax.fid --stats_a=A.npz --stats_b=B.npz
+
+FID and friends (the ADM suite: FID, sFID, Inception Score, precision/recall).
+
+  Two statistics files (pytorch-fid / ADM `mu`, `sigma` .npz, e.g. ADM's
+  VIRTUAL_imagenet256_labeled.npz) -> their Fréchet distance (and sFID when
+  both have `mu_s` / `sigma_s`):
+    python -m vimjax.fid --stats_a=A.npz --stats_b=B.npz
+
+  Images (a folder of PNG/JPEG or an .npz of uint8 `arr_0`) -> statistics,
+  saved with --out, and the Inception Score; with --ref_stats also FID and
+  sFID against it, and precision/recall when the reference holds images (an
+  ADM reference batch, `arr_0`) or `pool` features (--save_features):
+    python -m vimjax.fid --images=DIR --inception_weights=inception_fid.npz \
+      --out=STATS.npz [--ref_stats=VIRTUAL_imagenet256_labeled.npz]
+
+Features are computed sharded over all devices (batch split over a data-
+parallel mesh). The last stdout line is JSON with `fid` (when there is
+something to compare with), `sfid`, `inception_score`, `precision`, `recall`,
+`num_images`, `out`.
+"""
+from absl import app
+from absl import flags
+import ml_collections
+
+from vimjax import parallel
+from vimjax import runtime
+from vimjax.evaluation import inception_features
+from vimjax.evaluation import inception_metrics
+from vimjax.models import inception
+
+_STATS_A = flags.DEFINE_string("stats_a", None, "Statistics .npz (mu, sigma).")
+_STATS_B = flags.DEFINE_string("stats_b", None, "Statistics .npz to compare with --stats_a.")
+_IMAGES = flags.DEFINE_string("images", None, "Folder of images or .npz of uint8 images.")
+_WEIGHTS = flags.DEFINE_string("inception_weights", None,
+                               ".npz from `python -m vimjax.convert_inception`.")
+_OUT = flags.DEFINE_string("out", None, "Where to save the statistics of --images.")
+_REF = flags.DEFINE_string("ref_stats", None,
+                           "Reference statistics / ADM reference batch to compare --images with.")
+_SAVE_FEATURES = flags.DEFINE_bool("save_features", False,
+                                   "Also save the pool features in --out (for precision/recall).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Images per sharded Inception call.")
+_SIZE = flags.DEFINE_integer("inception_size", inception.FID_SIZE,
+                             "Resize target; 299 for comparable numbers (tests use less).")
+
+
+def compare_stats(path_a: str, path_b: str) -> dict:
+  a, b = inception_metrics.load_stats(path_a), inception_metrics.load_stats(path_b)
+  a.pop("pool", None)  # Statistics only: both must have features for P/R.
+  b.pop("pool", None)
+  return inception_metrics.compare(a, b)
+
+
+def images_metrics(images: str, weights: str, out: str | None, ref: str | None, *,
+                   batch_size: int, size: int, save_features: bool) -> dict:
+  """Features of `images`; saves their stats; compares with `ref` when given."""
+  mesh = parallel.create_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  ref_stats = inception_metrics.load_stats(ref) if ref else None  # Fail before compiling.
+  extractor = inception_features.Extractor(inception.load_inception_params(weights), mesh,
+                                           size=size, batch_size=batch_size)
+  batches, total = inception_features.image_batches(images, extractor.batch_size)
+  features = extractor.extract(batches, total, name=images)
+  stats = inception_metrics.stats_from_features(features)
+  result = {"num_images": len(features["pool"]),
+            "inception_score": inception_metrics.inception_score(features["logits"])}
+  if out:
+    extra = {"pool": features["pool"]} if save_features else {}
+    inception_metrics.save_stats(out, stats, **extra)
+    result["out"] = out
+  if ref_stats is not None:
+    if "images" in ref_stats:  # An ADM reference batch: P/R needs its features.
+      ref_images = ref_stats.pop("images")
+      ref_stats["pool"] = extractor.extract(
+          (ref_images[s:s + extractor.batch_size]
+           for s in range(0, len(ref_images), extractor.batch_size)),
+          len(ref_images), name=ref)["pool"]
+    sample = {**stats, "pool": features["pool"]}
+    result.update(inception_metrics.compare(sample, ref_stats))
+    result["num_ref_images"] = len(ref_stats["pool"]) if "pool" in ref_stats else None
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  runtime.initialize()
+  try:
+    if _STATS_A.value or _STATS_B.value:
+      if not (_STATS_A.value and _STATS_B.value) or _IMAGES.value:
+        raise ValueError("--stats_a and --stats_b go together (and without --images).")
+      result = compare_stats(_STATS_A.value, _STATS_B.value)
+    elif _IMAGES.value:
+      if not _WEIGHTS.value:
+        raise ValueError(f"--images needs --inception_weights=PATH.npz; "
+                         f"{inception.CONVERT_HINT}.")
+      if not _OUT.value and not _REF.value:
+        raise ValueError("--images needs --out=STATS.npz and/or --ref_stats=REF.npz.")
+      if _SIZE.value < inception.MIN_SIZE:
+        raise ValueError(f"--inception_size={_SIZE.value} must be >= {inception.MIN_SIZE} "
+                         f"({inception.FID_SIZE} for comparable numbers).")
+      result = images_metrics(_IMAGES.value, _WEIGHTS.value, _OUT.value, _REF.value,
+                              batch_size=_BATCH.value, size=_SIZE.value,
+                              save_features=_SAVE_FEATURES.value)
+    else:
+      raise ValueError("Pass --stats_a=A.npz --stats_b=B.npz, or --images=DIR|NPZ "
+                       "--inception_weights=W.npz --out=STATS.npz.")
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"error: {e}") from None
+  runtime.emit_result(result, None, "fid_result")
+
+
+if __name__ == "__main__":
+  app.run(main)
