@@ -19,6 +19,9 @@ from vimjax.evaluation import inception_features
 from vimjax.models import inception
 
 SIZE = inception.MIN_SIZE  # 75 px: the smallest input; 299 costs 16x more.
+# The smallest size at which the 8x8 (at 299) blocks Mixed_7b/7c are 3x3, not 1x1,
+# so their padded pools and (1, 3) convs matter: the reference comparison uses it.
+REFERENCE_SIZE = 139
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,8 +39,8 @@ def _mesh(num_devices: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _extractor(num_devices: int, batch_size: int):
-  return inception_features.Extractor(_params(), _mesh(num_devices), size=SIZE,
+def _extractor(num_devices: int, batch_size: int, size: int = SIZE):
+  return inception_features.Extractor(_params(), _mesh(num_devices), size=size,
                                       batch_size=batch_size)
 
 
@@ -185,13 +188,14 @@ def test_matches_torch_fidelity_on_shared_random_weights(tmp_path):
       "inception-v3-compat", ["2048", "logits_unbiased"],
       feature_extractor_weights_path=str(tmp_path / "random_inception.pth"),
       feature_extractor_internal_dtype="float64")
-  net.INPUT_IMAGE_SIZE = SIZE  # Its TF1 resize to our test size instead of 299.
+  net.INPUT_IMAGE_SIZE = REFERENCE_SIZE  # Its TF1 resize to this size instead of 299.
   taps = {}
   net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: taps.__setitem__("spatial", o))
   images = _images(4, seed=4)
   with torch.no_grad():
     pool, logits = net(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
-  got = _extractor(8, 8)(images)
+  got = _extractor(8, 8, REFERENCE_SIZE)(images)
+  assert taps["spatial"].shape[2:] == (7, 7)
   spatial = taps["spatial"].numpy().transpose(0, 2, 3, 1)[..., :7].reshape(4, -1)
   np.testing.assert_allclose(got["pool"], pool.numpy(), rtol=1e-3, atol=1e-4)
   np.testing.assert_allclose(got["spatial"], spatial, rtol=1e-3, atol=1e-4)

@@ -111,9 +111,9 @@ def load_npz_images(path: str) -> np.ndarray:
 
 
 def image_files(directory: str) -> list[str]:
-  """Sorted image files under `directory` (recursive)."""
-  files = sorted(str(p) for p in epath.Path(directory).rglob("*")
-                 if p.suffix.lower() in IMAGE_SUFFIXES)
+  """Sorted image files under a local `directory` (recursive, as the folder source)."""
+  files = sorted(os.path.join(d, f) for d, _, names in os.walk(directory, followlinks=True)
+                 for f in names if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)
   if not files:
     raise ValueError(f"--images={directory!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
   return files
@@ -125,8 +125,8 @@ def folder_batches(files: list[str], batch_size: int) -> Iterator[np.ndarray]:
   for start in range(0, len(files), batch_size):
     batch = []
     for path in files[start:start + batch_size]:
-      with epath.Path(path).open("rb") as f:
-        image = np.asarray(Image.open(f).convert("RGB"))
+      with Image.open(path) as f:
+        image = np.asarray(f.convert("RGB"))
       if shape is None:
         shape = image.shape
       elif image.shape != shape:
@@ -143,7 +143,7 @@ def image_batches(source: str, batch_size: int) -> tuple[Iterator[np.ndarray], i
       raise FileNotFoundError(f"--images={source!r} not found.")
     images = load_npz_images(source)
     return (images[s:s + batch_size] for s in range(0, len(images), batch_size)), len(images)
-  if not epath.Path(source).is_dir():
-    raise ValueError(f"--images={source!r} is neither a folder of images nor an .npz.")
+  if not os.path.isdir(source):
+    raise ValueError(f"--images={source!r} is neither a local folder of images nor an .npz.")
   files = image_files(source)
   return folder_batches(files, batch_size), len(files)

@@ -56,7 +56,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     raise ValueError(f"Statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                      f"sigma {sigma1.shape} vs {sigma2.shape}.")
   diff = mu1 - mu2
-  covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
+  covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
     logging.warning("Fréchet distance: singular product; adding %g to the diagonals.", eps)
     offset = np.eye(sigma1.shape[0]) * eps
