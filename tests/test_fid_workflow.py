@@ -59,16 +59,33 @@ def _run(*args):
   return out
 
 
-def test_fid_binary_images_stats_and_reference_batch(weights, tmp_path):
+def _frechet_spy(calls):
+  """A Fréchet distance that records its calls and computes on the first 16 dims only.
+
+  The real 2048-dim sqrtm takes ~50 s on this loaded 2-core VM; the math is
+  tested in test_inception_metrics.py, these tests check what is compared.
+  """
+  real = inception_metrics.frechet_distance
+
+  def spy(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    calls.append((np.asarray(mu1), np.asarray(mu2)))
+    return real(mu1[:16], sigma1[:16, :16], mu2[:16], sigma2[:16, :16], eps)
+  return spy
+
+
+@pytest.fixture
+def fast_frechet(monkeypatch):
+  calls = []
+  monkeypatch.setattr(inception_metrics, "frechet_distance", _frechet_spy(calls))
+  return calls
+
+
+def test_fid_binary_images_to_stats_and_stats_pair(weights, tmp_path):
   rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (10, 24, 24, 3), dtype=np.uint8)
   folder = tmp_path / "images"
   folder.mkdir()
-  for i, image in enumerate(images):
+  for i, image in enumerate(rng.integers(0, 256, (10, 24, 24, 3), dtype=np.uint8)):
     Image.fromarray(image).save(folder / f"{i:03d}.png")
-  # An ADM-style reference batch of the same images: arr_0 + mu / sigma.
-  ref_images = str(tmp_path / "ref_images.npz")
-  np.savez(ref_images, arr_0=images)
   stats = str(tmp_path / "stats.npz")
   out = _run(f"--images={folder}", f"--inception_weights={weights}", f"--out={stats}",
              f"--inception_size={inception.MIN_SIZE}", "--batch_size=8", "--save_features")
@@ -78,20 +95,38 @@ def test_fid_binary_images_stats_and_reference_batch(weights, tmp_path):
   saved = inception_metrics.load_stats(stats)
   assert saved["mu"].shape == (2048,) and saved["sigma"].shape == (2048, 2048)
   assert saved["mu_s"].shape == (3 * 3 * 7,) and saved["pool"].shape == (10, 2048)
+  # Two known Gaussians: 3 * ((1 - 0)^2 + (2 - 1)^2) = 6.
+  a, b = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
+  np.savez(a, mu=np.zeros(3), sigma=np.eye(3))
+  np.savez(b, mu=np.ones(3), sigma=4 * np.eye(3))
+  out = _run(f"--stats_a={a}", f"--stats_b={b}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == {"fid": pytest.approx(6.0)}
+
+
+def test_images_against_an_adm_reference_batch(weights, tmp_path, fast_frechet):
+  """The binary's library path: an ADM batch (arr_0 images + mu/sigma/mu_s/sigma_s) of
+  the same images as a PNG folder gives FID 0 and precision = recall = 1."""
+  from vimjax import fid as fid_binary  # pylint: disable=g-import-not-at-top
+  images = np.random.default_rng(1).integers(0, 256, (10, 24, 24, 3), dtype=np.uint8)
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(folder / f"{i:03d}.png")
+  kwargs = dict(batch_size=8, size=inception.MIN_SIZE, save_features=False)
+  stats = str(tmp_path / "stats.npz")
+  fid_binary.images_metrics(str(folder), weights, stats, None, **kwargs)
+  saved = inception_metrics.load_stats(stats)
   adm = str(tmp_path / "adm_ref.npz")
-  np.savez(adm, arr_0=images, **{k: saved[k] for k in ("mu", "sigma", "mu_s", "sigma_s")})
-
-  out = _run(f"--images={ref_images}", f"--inception_weights={weights}", f"--ref_stats={adm}",
-             f"--inception_size={inception.MIN_SIZE}", "--batch_size=8")
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
-  # The same images as the reference: the PNG folder and the npz agree exactly.
-  assert abs(result["fid"]) < 1e-3 and abs(result["sfid"]) < 1e-3
+  np.savez(adm, arr_0=images, **saved)
+  images_npz = str(tmp_path / "images.npz")
+  np.savez(images_npz, arr_0=images)
+  result = fid_binary.images_metrics(images_npz, weights, None, adm, **kwargs)
+  assert result["fid"] == pytest.approx(0.0, abs=1e-6)
+  assert result["sfid"] == pytest.approx(0.0, abs=1e-6)
   assert result["precision"] == 1.0 and result["recall"] == 1.0
-
-  out = _run(f"--stats_a={stats}", f"--stats_b={adm}")
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert abs(json.loads(out.stdout.strip().splitlines()[-1])["fid"]) < 1e-3
+  assert result["num_ref_images"] == 10
+  np.testing.assert_allclose(fast_frechet[0][1], saved["mu"])  # Compared with the reference.
 
 
 def test_fid_binary_one_line_errors(tmp_path):
@@ -118,10 +153,12 @@ def tokenizer_run(weights, tmp_path_factory):
   """A tiny tokenizer trained 2 steps with rFID at its eval (the training-loop path)."""
   workdir = str(tmp_path_factory.mktemp("fid_tokenizer"))
   config = _tokenizer_config(weights)
-  return config, workdir, loop.train_and_evaluate(config, workdir)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(inception_metrics, "frechet_distance", _frechet_spy([]))
+    return config, workdir, loop.train_and_evaluate(config, workdir)
 
 
-def test_rfid_in_training_and_evaluate(tokenizer_run):
+def test_rfid_in_training_and_evaluate(tokenizer_run, fast_frechet):
   config, workdir, result = tokenizer_run
   assert result["eval_fid_num_images"] == 8
   for key in ("eval_rfid", "eval_rsfid", "eval_rprecision", "eval_rrecall",
@@ -131,6 +168,8 @@ def test_rfid_in_training_and_evaluate(tokenizer_run):
   assert os.listdir(os.path.join(workdir, "tb"))
   evaluated = loop.evaluate_workdir(config, workdir)  # Same checkpoint, same numbers.
   assert evaluated["rfid"] == pytest.approx(result["eval_rfid"], rel=1e-4)
+  assert evaluated["rsfid"] == pytest.approx(result["eval_rsfid"], rel=1e-4)
+  assert len(fast_frechet) == 2  # rfid (pool) and rsfid (spatial): reconstructions vs originals.
 
 
 def _caption(i: int) -> str:
@@ -138,7 +177,8 @@ def _caption(i: int) -> str:
 
 
 @pytest.mark.parametrize("family", ["vim", "parti"])
-def test_stage2_sample_fid_against_reference(tokenizer_run, weights, tmp_path, family):
+def test_stage2_sample_fid_against_reference(tokenizer_run, weights, tmp_path, family,
+                                              fast_frechet):
   _, tok_dir, _ = tokenizer_run
   rs = np.random.RandomState(0)
   records = [{"tokens": rs.randint(0, CODES, (GRID * GRID,)).astype(np.int32),
@@ -175,6 +215,9 @@ def test_stage2_sample_fid_against_reference(tokenizer_run, weights, tmp_path, f
   assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0
   assert np.isfinite(metrics["sfid"]) and metrics["inception_score"] >= 1.0
   assert "precision" not in metrics  # The reference holds statistics only.
+  ref_stats = inception_metrics.load_stats(ref)
+  np.testing.assert_allclose(fast_frechet[0][1], ref_stats["mu"])  # Samples vs the reference.
+  np.testing.assert_allclose(fast_frechet[1][1], ref_stats["mu_s"])
 
 
 def test_config_checks_for_the_eval_section(weights, tmp_path):

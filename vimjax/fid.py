@@ -29,20 +29,6 @@ from vimjax.evaluation import inception_features
 from vimjax.evaluation import inception_metrics
 from vimjax.models import inception
 
-_STATS_A = flags.DEFINE_string("stats_a", None, "Statistics .npz (mu, sigma).")
-_STATS_B = flags.DEFINE_string("stats_b", None, "Statistics .npz to compare with --stats_a.")
-_IMAGES = flags.DEFINE_string("images", None, "Folder of images or .npz of uint8 images.")
-_WEIGHTS = flags.DEFINE_string("inception_weights", None,
-                               ".npz from `python -m vimjax.convert_inception`.")
-_OUT = flags.DEFINE_string("out", None, "Where to save the statistics of --images.")
-_REF = flags.DEFINE_string("ref_stats", None,
-                           "Reference statistics / ADM reference batch to compare --images with.")
-_SAVE_FEATURES = flags.DEFINE_bool("save_features", False,
-                                   "Also save the pool features in --out (for precision/recall).")
-_BATCH = flags.DEFINE_integer("batch_size", 256, "Images per sharded Inception call.")
-_SIZE = flags.DEFINE_integer("inception_size", inception.FID_SIZE,
-                             "Resize target; 299 for comparable numbers (tests use less).")
-
 
 def compare_stats(path_a: str, path_b: str) -> dict:
   a, b = inception_metrics.load_stats(path_a), inception_metrics.load_stats(path_b)
@@ -80,27 +66,45 @@ def images_metrics(images: str, weights: str, out: str | None, ref: str | None, 
   return result
 
 
+def _define_flags():
+  """Flags of the binary (defined only when run as a program: names like --out are shared)."""
+  flags.DEFINE_string("stats_a", None, "Statistics .npz (mu, sigma).")
+  flags.DEFINE_string("stats_b", None, "Statistics .npz to compare with --stats_a.")
+  flags.DEFINE_string("images", None, "Folder of images or .npz of uint8 images.")
+  flags.DEFINE_string("inception_weights", None,
+                      ".npz from `python -m vimjax.convert_inception`.")
+  flags.DEFINE_string("out", None, "Where to save the statistics of --images.")
+  flags.DEFINE_string("ref_stats", None,
+                      "Reference statistics / ADM reference batch to compare --images with.")
+  flags.DEFINE_bool("save_features", False,
+                    "Also save the pool features in --out (for precision/recall).")
+  flags.DEFINE_integer("batch_size", 256, "Images per sharded Inception call.")
+  flags.DEFINE_integer("inception_size", inception.FID_SIZE,
+                       "Resize target; 299 for comparable numbers (tests use less).")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
   runtime.initialize()
   try:
-    if _STATS_A.value or _STATS_B.value:
-      if not (_STATS_A.value and _STATS_B.value) or _IMAGES.value:
+    if f.stats_a or f.stats_b:
+      if not (f.stats_a and f.stats_b) or f.images:
         raise ValueError("--stats_a and --stats_b go together (and without --images).")
-      result = compare_stats(_STATS_A.value, _STATS_B.value)
-    elif _IMAGES.value:
-      if not _WEIGHTS.value:
+      result = compare_stats(f.stats_a, f.stats_b)
+    elif f.images:
+      if not f.inception_weights:
         raise ValueError(f"--images needs --inception_weights=PATH.npz; "
                          f"{inception.CONVERT_HINT}.")
-      if not _OUT.value and not _REF.value:
+      if not f.out and not f.ref_stats:
         raise ValueError("--images needs --out=STATS.npz and/or --ref_stats=REF.npz.")
-      if _SIZE.value < inception.MIN_SIZE:
-        raise ValueError(f"--inception_size={_SIZE.value} must be >= {inception.MIN_SIZE} "
+      if f.inception_size < inception.MIN_SIZE:
+        raise ValueError(f"--inception_size={f.inception_size} must be >= {inception.MIN_SIZE} "
                          f"({inception.FID_SIZE} for comparable numbers).")
-      result = images_metrics(_IMAGES.value, _WEIGHTS.value, _OUT.value, _REF.value,
-                              batch_size=_BATCH.value, size=_SIZE.value,
-                              save_features=_SAVE_FEATURES.value)
+      result = images_metrics(f.images, f.inception_weights, f.out, f.ref_stats,
+                              batch_size=f.batch_size, size=f.inception_size,
+                              save_features=f.save_features)
     else:
       raise ValueError("Pass --stats_a=A.npz --stats_b=B.npz, or --images=DIR|NPZ "
                        "--inception_weights=W.npz --out=STATS.npz.")
@@ -110,4 +114,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

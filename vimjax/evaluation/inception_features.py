@@ -6,6 +6,7 @@ jitted function: images [b, h, w, 3] batch-sharded over (data, fsdp) ->
 `fid` binary: a folder of PNG/JPEG files or an .npz of uint8 images (`arr_0`,
 the ADM sample-batch convention, or `images`).
 """
+import functools
 import os
 import time
 from typing import Iterable, Iterator
@@ -21,6 +22,19 @@ from vimjax.models import inception
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PROGRESS_EVERY_S = 10.0
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_features(size: int, mesh):
+  """One jitted Inception per (size, mesh), shared by every Extractor (one compile)."""
+  model = inception.InceptionV3()
+
+  def features(params, images):
+    return model.apply({"params": params}, inception.preprocess(images, size))
+
+  # Replicated outputs: every process can fetch them (they are small per image).
+  return jax.jit(features, in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))
 
 
 class Extractor:
@@ -41,14 +55,7 @@ class Extractor:
     self.batch_size = -(-batch_size // dp) * dp
     self._batch_sharding = parallel.batch_sharding(mesh)
     self.params = jax.device_put(params, parallel.replicated(mesh))
-    model = inception.InceptionV3()
-
-    def features(p, images):
-      return model.apply({"params": p}, inception.preprocess(images, size))
-
-    # Replicated outputs: every process can fetch them (they are small per image).
-    self._fn = jax.jit(features, in_shardings=(parallel.replicated(mesh), self._batch_sharding),
-                       out_shardings=parallel.replicated(mesh))
+    self._fn = _jitted_features(size, mesh)
 
   def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
     """Features of one host batch (the same global batch on every process).
