@@ -54,12 +54,7 @@ def images_metrics(images: str, weights: str, out: str | None, ref: str | None, 
     inception_metrics.save_stats(out, stats, **extra)
     result["out"] = out
   if ref_stats is not None:
-    if "images" in ref_stats:  # An ADM reference batch: P/R needs its features.
-      ref_images = ref_stats.pop("images")
-      ref_stats["pool"] = extractor.extract(
-          (ref_images[s:s + extractor.batch_size]
-           for s in range(0, len(ref_images), extractor.batch_size)),
-          len(ref_images), name=ref)["pool"]
+    ref_stats = inception_features.with_reference_features(ref_stats, extractor)
     sample = {**stats, "pool": features["pool"]}
     result.update(inception_metrics.compare(sample, ref_stats))
     result["num_ref_images"] = len(ref_stats["pool"]) if "pool" in ref_stats else None

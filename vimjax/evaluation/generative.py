@@ -11,13 +11,14 @@ when `config.eval.inception_weights` is set (`config.eval`: see
   `config.sampling` from `fold_in(key(config.eval.seed), chunk)`, decoded by
   the stage-1 tokenizer, scored against `config.eval.fid_reference` (a
   pytorch-fid / ADM statistics file): fid, sfid (when the reference has
-  spatial stats), precision/recall (when it holds `pool` features) and the
-  Inception Score.
+  spatial stats), precision/recall (when it holds images, as ADM reference
+  batches do, or `pool` features) and the Inception Score.
 Images are quantised to 8 bits before Inception, as PNGs would be.
 """
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,23 +43,24 @@ def make_extractor(config, mesh) -> inception_features.Extractor:
 
 
 def _host(x) -> np.ndarray:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  """A global array -> all of it as NumPy on every process."""
   if jax.process_count() > 1:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
 
-def _eval_batches(config, transforms=()):
-  """Host eval batches (dicts), at most config.eval.num_images valid rows in all."""
+def _eval_batches(config, mesh, fields, transforms=()):
+  """Global eval batches ({field: global array}, valid row indices), at most
+  config.eval.num_images valid rows in all; every process sees every row."""
   iterator = pipeline.create_iterator(
       config.data, split="eval", global_batch_size=config.global_batch_size,
       seed=config.seed, train=False, transforms=transforms)
   seen = 0
-  for batch in iterator:
+  for host_batch in iterator:
     if seen >= config.eval.num_images:
       return
-    valid = np.asarray(batch["mask"]) > 0
-    take = np.flatnonzero(valid)[:config.eval.num_images - seen]
+    batch = pipeline.to_global_batch({k: host_batch[k] for k in (*fields, "mask")}, mesh)
+    take = np.flatnonzero(_host(batch.pop("mask")) > 0)[:config.eval.num_images - seen]
     seen += len(take)
     yield batch, take
 
@@ -69,16 +71,12 @@ def tokenizer_metrics(config, state, mesh, extractor) -> dict[str, float]:
   model = tokenizer.build_model(config)
   params = state.ema_params["generator"] if config.optimizer.ema_decay > 0 else state.params[
       "generator"]
-  data_sharding = parallel.batch_sharding(mesh)
   reconstruct = jax.jit(
-      lambda p, x: jnp.clip(model.apply({"params": p}, x, train=False)[0]["image"], 0.0, 1.0),
-      in_shardings=(None, data_sharding), out_shardings=parallel.replicated(mesh))
+      lambda p, x: jnp.clip(model.apply({"params": p}, x, train=False)[0]["image"], 0.0, 1.0))
   originals, reconstructions = [], []
-  for batch, take in _eval_batches(config):
-    images = np.asarray(batch["image"], np.float32)
-    x = jax.make_array_from_callback(images.shape, data_sharding, lambda i: images[i])
-    recon = np.asarray(jax.device_get(reconstruct(params, x)))
-    originals.append(extractor.extract([images[take]], name="originals"))
+  for batch, take in _eval_batches(config, mesh, ("image",)):
+    recon = _host(reconstruct(params, batch["image"]))
+    originals.append(extractor.extract([_host(batch["image"])[take]], name="originals"))
     reconstructions.append(extractor.extract([recon[take]], name="reconstructions"))
   cat = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   real, fake = cat(originals), cat(reconstructions)
@@ -88,7 +86,7 @@ def tokenizer_metrics(config, state, mesh, extractor) -> dict[str, float]:
           "fid_num_images": len(real["pool"])}
 
 
-def _conditions(config, model, num_images: int, transforms) -> list[tuple[int, Any]]:
+def _conditions(config, mesh, model, num_images: int, transforms) -> list[tuple[int, Any]]:
   """Per chunk (number of images, condition): VIM labels [n] (None if unconditional),
   Parti text_ids [n, L]."""
   chunk = config.global_batch_size
@@ -96,8 +94,8 @@ def _conditions(config, model, num_images: int, transforms) -> list[tuple[int, A
     labels = (np.arange(num_images) % max(model.num_classes, 1)).astype(np.int32)
     return [(len(labels[s:s + chunk]), None if model.num_classes == 0 else labels[s:s + chunk])
             for s in range(0, num_images, chunk)]
-  texts = [np.asarray(batch["text_ids"])[take] for batch, take in
-           _eval_batches(config, transforms)]
+  texts = [_host(batch["text_ids"])[take] for batch, take in
+           _eval_batches(config, mesh, ("text_ids",), transforms)]
   texts = np.concatenate(texts)[:num_images]
   return [(len(texts[s:s + chunk]), texts[s:s + chunk]) for s in range(0, len(texts), chunk)]
 
@@ -117,7 +115,7 @@ def stage2_metrics(config, state, mesh, extractor, task) -> dict[str, float]:
   data_sharding = parallel.batch_sharding(mesh)
 
   def image_batches():
-    for c, (n, cond) in enumerate(_conditions(config, model, int(config.eval.num_images),
+    for c, (n, cond) in enumerate(_conditions(config, mesh, model, int(config.eval.num_images),
                                               task.data_transforms)):
       rng = jax.random.fold_in(jax.random.key(config.eval.seed), c)
       padded = -(-n // dp) * dp
@@ -131,9 +129,9 @@ def stage2_metrics(config, state, mesh, extractor, task) -> dict[str, float]:
       images = _host(sample_lib.decode_tokens(tok_model, tok_params, tokens))[:n]
       yield np.clip(images.astype(np.float32), 0.0, 1.0)
 
-  features = extractor.extract(image_batches(), int(config.eval.num_images), name="samples")
   ref = inception_metrics.load_stats(config.eval.fid_reference)
-  ref.pop("images", None)  # An ADM batch's images: use `python -m vimjax.fid` for its P/R.
+  features = extractor.extract(image_batches(), int(config.eval.num_images), name="samples")
+  ref = inception_features.with_reference_features(ref, extractor)  # ADM batch: its 10k images.
   scores = inception_metrics.compare({**inception_metrics.stats_from_features(features),
                                       "pool": features["pool"], "logits": features["logits"]},
                                      ref)

@@ -154,3 +154,15 @@ def image_batches(source: str, batch_size: int) -> tuple[Iterator[np.ndarray], i
     raise ValueError(f"--images={source!r} is neither a local folder of images nor an .npz.")
   files = image_files(source)
   return folder_batches(files, batch_size), len(files)
+
+
+def with_reference_features(ref: dict[str, np.ndarray], extractor: Extractor) -> dict:
+  """Replaces an ADM reference batch's `images` (its 10k uint8 `arr_0`) by their
+  `pool` features, which precision/recall need; other statistics pass through."""
+  ref = dict(ref)
+  images = ref.pop("images", None)
+  if images is not None:
+    step = extractor.batch_size
+    ref["pool"] = extractor.extract((images[s:s + step] for s in range(0, len(images), step)),
+                                    len(images), name="reference images")["pool"]
+  return ref
