@@ -7,7 +7,9 @@ FID and friends (the ADM suite: FID, sFID, Inception Score, precision/recall).
   both have `mu_s` / `sigma_s`):
     python -m vimjax.fid --stats_a=A.npz --stats_b=B.npz
 
-  Images (a folder of PNG/JPEG or an .npz of uint8 `arr_0`) -> statistics,
+  Images (a folder of PNG/JPEG, an .npz of uint8 `arr_0`, or a data source's
+  eval split: `shapes`, `tfds:NAME[:SPLIT]`, `folder:PATH` with --image_size,
+  prepared as the eval data of a run) -> statistics,
   saved with --out, and the Inception Score; with --ref_stats also FID and
   sFID against it, and precision/recall when the reference holds images (an
   ADM reference batch, `arr_0`) or `pool` features (--save_features):
@@ -38,13 +40,15 @@ def compare_stats(path_a: str, path_b: str) -> dict:
 
 
 def images_metrics(images: str, weights: str, out: str | None, ref: str | None, *,
-                   batch_size: int, size: int, save_features: bool) -> dict:
+                   batch_size: int, size: int, save_features: bool, image_size: int = 256,
+                   num_images: int = 0) -> dict:
   """Features of `images`; saves their stats; compares with `ref` when given."""
   mesh = parallel.create_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
   ref_stats = inception_metrics.load_stats(ref) if ref else None  # Fail before compiling.
   extractor = inception_features.Extractor(inception.load_inception_params(weights), mesh,
                                            size=size, batch_size=batch_size)
-  batches, total = inception_features.image_batches(images, extractor.batch_size)
+  batches, total = inception_features.image_batches(images, extractor.batch_size, image_size,
+                                                    num_images)
   features = extractor.extract(batches, total, name=images)
   stats = inception_metrics.stats_from_features(features)
   result = {"num_images": len(features["pool"]),
@@ -65,7 +69,8 @@ def _define_flags():
   """Flags of the binary (defined only when run as a program: names like --out are shared)."""
   flags.DEFINE_string("stats_a", None, "Statistics .npz (mu, sigma).")
   flags.DEFINE_string("stats_b", None, "Statistics .npz to compare with --stats_a.")
-  flags.DEFINE_string("images", None, "Folder of images or .npz of uint8 images.")
+  flags.DEFINE_string("images", None, "Folder of images, .npz of uint8 images, or a data "
+                      "source (shapes, tfds:NAME[:SPLIT], folder:PATH).")
   flags.DEFINE_string("inception_weights", None,
                       ".npz from `python -m vimjax.convert_inception`.")
   flags.DEFINE_string("out", None, "Where to save the statistics of --images.")
@@ -74,6 +79,8 @@ def _define_flags():
   flags.DEFINE_bool("save_features", False,
                     "Also save the pool features in --out (for precision/recall).")
   flags.DEFINE_integer("batch_size", 256, "Images per sharded Inception call.")
+  flags.DEFINE_integer("image_size", 256, "Crop size when --images is a data source.")
+  flags.DEFINE_integer("num_images", 0, "Use the first N images (0 = all).")
   flags.DEFINE_integer("inception_size", inception.FID_SIZE,
                        "Resize target; 299 for comparable numbers (tests use less).")
 
@@ -99,7 +106,8 @@ def main(argv):
                          f"({inception.FID_SIZE} for comparable numbers).")
       result = images_metrics(f.images, f.inception_weights, f.out, f.ref_stats,
                               batch_size=f.batch_size, size=f.inception_size,
-                              save_features=f.save_features)
+                              save_features=f.save_features, image_size=f.image_size,
+                              num_images=f.num_images)
     else:
       raise ValueError("Pass --stats_a=A.npz --stats_b=B.npz, or --images=DIR|NPZ "
                        "--inception_weights=W.npz --out=STATS.npz.")

@@ -3,8 +3,9 @@
 `Extractor` holds the frozen Inception weights replicated on the mesh and one
 jitted function: images [b, h, w, 3] batch-sharded over (data, fsdp) ->
 {"pool", "spatial", "logits"} (see models/inception.py). Image sources for the
-`fid` binary: a folder of PNG/JPEG files or an .npz of uint8 images (`arr_0`,
-the ADM sample-batch convention, or `images`).
+`fid` binary: a folder of PNG/JPEG files, an .npz of uint8 images (`arr_0`,
+the ADM sample-batch convention, or `images`), or a vimjax data source's eval
+split (the reference set prepared exactly as the eval data).
 """
 import functools
 import os
@@ -14,6 +15,7 @@ from typing import Iterable, Iterator
 from absl import logging
 from etils import epath
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -143,17 +145,39 @@ def folder_batches(files: list[str], batch_size: int) -> Iterator[np.ndarray]:
     yield np.stack(batch)
 
 
-def image_batches(source: str, batch_size: int) -> tuple[Iterator[np.ndarray], int]:
-  """(uint8 batches, number of images) of a folder or an .npz of images."""
+def source_batches(source: str, batch_size: int, image_size: int,
+                   num_images: int) -> Iterator[np.ndarray]:
+  """Float [0, 1] batches of a vimjax data source's eval split (`shapes`,
+  `tfds:NAME[:SPLIT]`, `folder:PATH`), decoded, resized (shorter side, PIL
+  bicubic) and center-cropped exactly as the eval data of a training run."""
+  from vimjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data = ml_collections.ConfigDict(dict(
+      source=source, image_size=image_size, num_train_examples=0,
+      num_eval_examples=num_images, worker_count=0, prefetch_buffer_size=2))
+  for batch in pipeline.create_iterator(data, split="eval", global_batch_size=batch_size,
+                                        seed=0, train=False):
+    yield np.asarray(batch["image"])[np.asarray(batch["mask"]) > 0]
+
+
+def image_batches(source: str, batch_size: int, image_size: int = 256,
+                  num_images: int = 0) -> tuple[Iterator[np.ndarray], int | None]:
+  """(batches, number of images or None) of an .npz of uint8 images, a local
+  folder of images, or a vimjax data source spec (see `source_batches`).
+
+  `image_size` applies to data sources; `num_images` > 0 keeps the first ones.
+  """
   if source.endswith(".npz"):
     if "://" not in source and not os.path.exists(source):
       raise FileNotFoundError(f"--images={source!r} not found.")
-    images = load_npz_images(source)
+    images = load_npz_images(source)[:num_images or None]
     return (images[s:s + batch_size] for s in range(0, len(images), batch_size)), len(images)
-  if not os.path.isdir(source):
-    raise ValueError(f"--images={source!r} is neither a local folder of images nor an .npz.")
-  files = image_files(source)
-  return folder_batches(files, batch_size), len(files)
+  if os.path.isdir(source):
+    files = image_files(source)[:num_images or None]
+    return folder_batches(files, batch_size), len(files)
+  if source == "shapes" or source.split(":")[0] in ("tfds", "folder"):
+    return source_batches(source, batch_size, image_size, num_images), num_images or None
+  raise ValueError(f"--images={source!r} is not an .npz, a local folder of images, or a data "
+                   "source (shapes, tfds:NAME[:SPLIT], folder:PATH).")
 
 
 def with_reference_features(ref: dict[str, np.ndarray], extractor: Extractor) -> dict:
