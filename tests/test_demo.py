@@ -2,7 +2,11 @@
 import numpy as np
 
 from vimjax import benchmark  # pylint: disable=unused-import
+from vimjax import convert_inception  # pylint: disable=unused-import
+from vimjax import convert_weights  # pylint: disable=unused-import
 from vimjax import demo
+from vimjax import evaluate  # pylint: disable=unused-import
+from vimjax import fid  # pylint: disable=unused-import
 from vimjax import encode  # pylint: disable=unused-import
 from vimjax import summary  # pylint: disable=unused-import
 from vimjax import train_vocab  # pylint: disable=unused-import
@@ -12,6 +16,8 @@ from vimjax.data import shapes
 def test_binaries_import_together_without_flag_clashes():
   # Flags of programs are defined under __main__ only (demo imports several).
   assert demo.run and summary and encode and train_vocab and benchmark
+  assert fid.images_metrics and convert_inception.convert_state_dict and evaluate.main
+  assert convert_weights.convert_state_dicts
 
 
 def test_held_out_prompts_are_distinct_validation_captions():

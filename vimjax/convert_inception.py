@@ -22,10 +22,6 @@ import numpy as np
 
 from vimjax.models import inception
 
-_WEIGHTS = flags.DEFINE_string("pytorch_fid_weights", None,
-                               "pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
-_OUT = flags.DEFINE_string("out", "inception_fid.npz", "Output .npz path.")
-
 # Our leaf name -> (torch suffix, layout change).
 _BN = {"bn_scale": "bn.weight", "bn_bias": "bn.bias", "bn_mean": "bn.running_mean",
        "bn_var": "bn.running_var"}
@@ -78,16 +74,25 @@ def _load_torch(path: str) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
 
 
+def _define_flags():
+  """Flags of the binary (defined only when run as a program: --out is shared)."""
+  flags.DEFINE_string("pytorch_fid_weights", None,
+                      "pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
+  flags.DEFINE_string("out", "inception_fid.npz", "Output .npz path.")
+
+
 def main(argv):
   del argv
-  if not _WEIGHTS.value:
+  f = flags.FLAGS
+  if not f.pytorch_fid_weights:
     raise app.UsageError("Set --pytorch_fid_weights=pt_inception-2015-12-05-6726825d.pth.")
-  out = _OUT.value if _OUT.value.endswith(".npz") else _OUT.value + ".npz"  # As np.savez.
-  arrays = convert_state_dict(_load_torch(_WEIGHTS.value))
+  out = f.out if f.out.endswith(".npz") else f.out + ".npz"  # As np.savez.
+  arrays = convert_state_dict(_load_torch(f.pytorch_fid_weights))
   np.savez(out, **arrays)
   inception.load_inception_params(out)  # Fails loudly if the layout drifted.
   print(json.dumps({"out": out, "num_arrays": len(arrays)}))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
