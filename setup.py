@@ -23,6 +23,7 @@ setuptools.setup(
         "numpy>=1.26,<3",
         "sentencepiece>=0.2,<0.3",
         "pillow>=10,<14",
+        "scipy>=1.11,<2",  # sqrtm of the Fréchet distance (FID), as pytorch-fid and ADM.
     ],
     extras_require={
         # libtpu (via jax[tpu]) lets tests compile for TPU topologies on CPU (aot_compile).
