@@ -53,8 +53,8 @@ class Extractor:
   def __init__(self, params, mesh, *, size: int = inception.FID_SIZE, batch_size: int = 256):
     self.mesh = mesh
     self.size = size
-    dp = parallel.data_parallel_size(mesh)
-    self.batch_size = -(-batch_size // dp) * dp
+    self._dp = parallel.data_parallel_size(mesh)
+    self.batch_size = -(-batch_size // self._dp) * self._dp
     self._batch_sharding = parallel.batch_sharding(mesh)
     self.params = jax.device_put(params, parallel.replicated(mesh))
     self._fn = _jitted_features(size, mesh)
@@ -74,8 +74,12 @@ class Extractor:
       raise ValueError(f"Images must be [n, h, w, 3], got shape {images.shape}.")
     if not 0 < n <= self.batch_size:
       raise ValueError(f"A batch of {n} images; expected 1..{self.batch_size}.")
-    if n < self.batch_size:  # One compiled shape: pad with copies of the last image.
-      images = np.concatenate([images, np.repeat(images[-1:], self.batch_size - n, axis=0)])
+    # Padded (copies of the last image) to a multiple of the data-parallel size only:
+    # a run compiles once per batch length (full batches and the last one), and a
+    # small batch does not pay for batch_size images.
+    padded = -(-n // self._dp) * self._dp
+    if padded != n:
+      images = np.concatenate([images, np.repeat(images[-1:], padded - n, axis=0)])
     x = jax.make_array_from_callback(images.shape, self._batch_sharding, lambda i: images[i])
     out = jax.device_get(self._fn(self.params, x))
     return {"pool": np.asarray(out["pool"][:n]),
