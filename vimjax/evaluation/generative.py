@@ -17,6 +17,7 @@ Images are quantised to 8 bits before Inception, as PNGs would be.
 """
 from typing import Any
 
+from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -78,6 +79,8 @@ def tokenizer_metrics(config, state, mesh, extractor) -> dict[str, float]:
     recon = _host(reconstruct(params, batch["image"]))
     originals.append(extractor.extract([_host(batch["image"])[take]], name="originals"))
     reconstructions.append(extractor.extract([recon[take]], name="reconstructions"))
+    logging.info("rFID: %d/%d eval images and reconstructions through Inception.",
+                 sum(len(r["pool"]) for r in reconstructions), config.eval.num_images)
   cat = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   real, fake = cat(originals), cat(reconstructions)
   scores = inception_metrics.compare(fake, real)
