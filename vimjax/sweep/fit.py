@@ -37,12 +37,18 @@ def _fit_once(log_x: np.ndarray, log_y: np.ndarray, with_offset: bool) -> np.nda
   def residuals(p):
     return np.log(np.exp(p[0] - p[1] * log_x) + p[2]) - log_y
 
+  def jacobian(p):  # d/d(log A, alpha, c) of log(A x^-alpha + c).
+    u = np.exp(p[0] - p[1] * log_x)
+    s = u + p[2]
+    return np.stack([u / s, -log_x * u / s, 1 / s], axis=1)
+
   best = None
   for frac in (0.0, 0.5, 0.9):  # Offsets from none to most of the smallest loss.
     c0 = frac * cap
     start = np.array([np.log(max(np.exp(intercept) - c0, 1e-12)), -slope, c0])
     try:
-      sol = optimize.least_squares(residuals, start, bounds=([-np.inf, -10, 0], [np.inf, 10, cap]))
+      sol = optimize.least_squares(residuals, start, jac=jacobian,
+                                   bounds=([-np.inf, -10, 0], [np.inf, 10, cap]))
     except ValueError:
       continue
     if best is None or sol.cost < best.cost:
