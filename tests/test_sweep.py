@@ -132,6 +132,20 @@ def test_non_embedding_params_match_a_hand_count():
   assert summary.count_params(params) == expected + embeddings
 
 
+def test_flops_per_token_match_the_6n_rule():
+  """VIM tiny: 6 (matmul params) per token + 12 L n d for attention (fwd + bwd), within 5%."""
+  from configs import vim  # pylint: disable=g-import-not-at-top
+  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
+  config = vim.get_config("tiny")
+  m = config.model
+  got = summary.summarize(config, with_flops=True)
+  logits = summary.count_params(tasks.abstract_params(config)["logits"])
+  expected = (6 * (got["non_embedding_params"] + logits)
+              + 12 * m.num_layers * m.grid_size ** 2 * m.emb_dim)
+  assert got["tokens_per_example"] == m.grid_size ** 2
+  assert abs(got["flops_per_token"] / expected - 1) < 0.05, (got["flops_per_token"], expected)
+
+
 # Trials, status, resume.
 
 def test_sweep_file_errors(tmp_path):

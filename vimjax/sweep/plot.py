@@ -3,6 +3,7 @@ import io
 
 from etils import epath
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # Files only, no display.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -31,6 +32,9 @@ def plot_fit(path: str, x, y, result: dict, *, x_label: str, y_label: str,
     ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
   ax.set_xscale("log")
   ax.set_yscale("log")
+  # Plain numbers on the (often less than a decade wide) loss axis, not 3 x 10^0.
+  ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+  ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
   ax.set_xlabel(x_label)
   ax.set_ylabel(y_label)
   if title:
