@@ -234,6 +234,43 @@ def test_broken_trials_are_reported_and_excluded(tmp_path):
   assert os.path.getsize(fits["fits"]["L(N)"]["plot"]) > 1000
 
 
+def test_n_and_d_swept_fit_both_laws_and_the_frontier(tmp_path):
+  """L = E + A / N^a + B / D^b on a sizes x steps grid (C = 6 N D)."""
+  path = tmp_path / "grid_sweep.py"
+  path.write_text(SWEEP_FILE.replace("c.grid = []", 'c.grid = [("total_steps", (40, 80, 160, 320))]')
+                  % ((16, 32, 64, 96, 128),))
+  sweep = spec.load_sweep(str(path))
+  workdir = str(tmp_path / "w")
+  trials = spec.trials(sweep, workdir)
+  assert len(trials) == 20 and trials[1].name == "001-d16-total_steps=80"
+  spec.write_manifest(sweep, workdir, str(path), trials)
+  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
+  counts = {}
+  for trial in trials:
+    config = spec.trial_config(sweep, trial)
+    dim = config.model.emb_dim
+    if dim not in counts:
+      counts[dim] = summary.count_non_embedding_params(tasks.abstract_params(config))
+    n = counts[dim]
+    d = config.total_steps * config.global_batch_size * config.model.grid_size ** 2
+    loss = 0.5 + 30 * n ** -0.4 + 80 * d ** -0.3
+    _write_trial(sweep, trial, step=config.total_steps, metric=loss,
+                 flops_per_step=6.0 * n * d / config.total_steps)
+  result = report.collect_and_fit(workdir, bootstrap=20)
+  assert result["num_runs"] == 20 and not result["excluded"]
+  # At the largest D (N), the other term is a constant the offset absorbs: exact.
+  np.testing.assert_allclose(result["alpha_L(N)"], 0.4, rtol=1e-3)
+  np.testing.assert_allclose(result["alpha_L(D)"], 0.3, rtol=1e-3)
+  with open(os.path.join(workdir, "fit.json")) as f:
+    fits = json.load(f)["fits"]
+  assert len(fits["L(N)"]["trials"]) == 5 and len(fits["L(D)"]["trials"]) == 4
+  # On the frontier C = 6 N D, so the two allocation exponents sum to 1 exactly.
+  n_opt, d_opt = fits["N_opt(C)"]["exponent"], fits["D_opt(C)"]["exponent"]
+  assert n_opt > 0 and d_opt > 0
+  np.testing.assert_allclose(n_opt + d_opt, 1.0, atol=1e-9)
+  assert fits["N_opt(C)"]["trials"] == fits["L(C)"]["trials"]
+
+
 # Remote launchers.
 
 def test_tokenizer_sweep_tpu_vm_dry_run(tmp_path):

@@ -61,7 +61,6 @@ def trial_row(trial: dict, base: str, metric: str, fit_against, extra_overrides:
   from vimjax import config_lib  # pylint: disable=g-import-not-at-top
   from vimjax import summary  # pylint: disable=g-import-not-at-top
   from vimjax.sweep import spec  # pylint: disable=g-import-not-at-top
-  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
   workdir = trial["workdir"]
   status, reason = trial_status(workdir)
   if (epath.Path(workdir) / "config.json").exists():
@@ -69,7 +68,7 @@ def trial_row(trial: dict, base: str, metric: str, fit_against, extra_overrides:
   else:  # Never started: the config its command would build.
     config = spec.load_config_file(base, flag="base")
     config = config_lib.override(config, **{**extra_overrides, **trial["overrides"]})
-  params = summary.count_non_embedding_params(tasks.abstract_params(config))
+  params = _non_embedding_params(config)
   row = {"trial": trial["name"], "status": status, "reason": reason, "metric": None,
          "non_embedding_params": params, "steps": config.total_steps,
          "global_batch_size": config.global_batch_size,
@@ -94,6 +93,20 @@ def trial_row(trial: dict, base: str, metric: str, fit_against, extra_overrides:
   row["wall_s"] = sum(a["wall_s"] for a in attempts) if attempts else None
   row["cpu_s"] = sum(a["cpu_s"] for a in attempts) if attempts else None
   return row
+
+
+_PARAM_COUNTS = {}
+
+
+def _non_embedding_params(config) -> int:
+  """Cached by (task, model, data): the trials of a sweep share a handful of sizes."""
+  from vimjax import summary  # pylint: disable=g-import-not-at-top
+  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
+  key = json.dumps([config.task, config.model.to_dict(), config.data.to_dict()], sort_keys=True,
+                   default=str)
+  if key not in _PARAM_COUNTS:
+    _PARAM_COUNTS[key] = summary.count_non_embedding_params(tasks.abstract_params(config))
+  return _PARAM_COUNTS[key]
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str):

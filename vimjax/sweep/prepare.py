@@ -53,14 +53,18 @@ def done_path(workdir: str) -> str:
 
 
 def run(name: str, workdir: str, args: dict) -> dict:
-  """Runs stage `name` in WORKDIR/prepare unless done; returns its overrides."""
+  """Runs stage `name` in WORKDIR/prepare unless done; returns its record.
+
+  The record: {"stage", "args", "overrides", "wall_s", "cpu_s", "ran"}, "ran"
+  False when an earlier run had done it (the times are that run's).
+  """
   marker = done_path(workdir)
   if os.path.exists(marker):
     with open(marker) as f:
       done = json.load(f)
     if done["stage"] == name and done["args"] == args:
       logging.info("prepare %s: done before (%s).", name, marker)
-      return done["overrides"]
+      return {**done, "ran": False}
   directory = os.path.dirname(marker)
   os.makedirs(directory, exist_ok=True)
   wall, cpu = time.perf_counter(), time.process_time()
@@ -69,7 +73,7 @@ def run(name: str, workdir: str, args: dict) -> dict:
             "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
   with open(marker, "w") as f:
     json.dump(record, f, indent=2)
-  return overrides
+  return {**record, "ran": True}
 
 
 def planned_overrides(name: str, workdir: str) -> dict:

@@ -1,10 +1,8 @@
 """Running a sweep: trials -> skip the finished -> prepare stage -> launcher."""
-import json
 import os
 import subprocess
 
 from absl import logging
-from etils import epath
 
 from vimjax.sweep import collect
 from vimjax.sweep import launchers
@@ -56,9 +54,8 @@ def launch(sweep_path: str, workdir: str, *, launcher: str = "local", dry_run: b
       print(f"# prepare stage {sweep.prepare} ({dict(sweep.prepare_args)}) in {workdir}/prepare")
       extra = prepare.planned_overrides(sweep.prepare, workdir)
     else:
-      prepare_args = sweep.prepare_args.to_dict()
-      extra = prepare.run(sweep.prepare, workdir, prepare_args)
-      prepared = json.loads(epath.Path(prepare.done_path(workdir)).read_text())
+      prepared = prepare.run(sweep.prepare, workdir, sweep.prepare_args.to_dict())
+      extra = prepared["overrides"]
   forward = ["--distributed"] if distributed else []
   args = {t.name: spec.train_args(sweep, t, extra) + forward for t in todo}
   summary = {"num_trials": len(trials), "skipped_finished": skipped,
@@ -74,7 +71,7 @@ def launch(sweep_path: str, workdir: str, *, launcher: str = "local", dry_run: b
     summary["failed"] = sorted(n for n, r in records.items() if r["returncode"])
     summary["trials_cpu_s"] = sum(r["cpu_s"] for r in records.values())
     summary["trials_wall_s"] = sum(r["wall_s"] for r in records.values())
-    if prepared:
+    if prepared.get("ran"):
       summary["prepare_cpu_s"], summary["prepare_wall_s"] = prepared["cpu_s"], prepared["wall_s"]
     return summary
 
