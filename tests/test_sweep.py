@@ -302,14 +302,18 @@ def test_tokenizer_sweep_tpu_vm_dry_run(tmp_path):
 
 def test_packed_tpu_vm_commands_run_the_sweep_on_each_slice():
   trial_args = [(i, [f"--workdir=gs://b/t{i}"]) for i in range(3)]
-  lines = launchers.tpu_vm_commands(trial_args, ["--zone=z"], "sw", 2,
-                                    ["--sweep=configs/sweeps/x.py", "--workdir=gs://b"])
+  sweep_args = ["--sweep=configs/sweeps/x.py", "--workdir=gs://b"]
+  lines = launchers.tpu_vm_commands(trial_args, ["--zone=z"], "sw", 2, sweep_args)
   assert len(lines) == 6
   train = shlex.split(lines[2])
   assert train[2:] == ["--zone=z", "--name=sw-g000", "--no_follow", "--module=vimjax.sweep",
                        "train", "--sweep=configs/sweeps/x.py", "--workdir=gs://b",
                        "--launcher=local", "--trials=0,1"]
   assert shlex.split(lines[5])[-1] == "--trials=2"
+  again = launchers.tpu_vm_commands(trial_args, ["--zone=z"], "sw", 2, sweep_args, ("train",))
+  assert again == [lines[2], lines[5]]  # A re-run on existing slices: train only.
+  with pytest.raises(ValueError, match="--tpu_steps=delete"):
+    launchers.tpu_vm_commands(trial_args, [], "sw", 1, [], ("delete",))
   proc = subprocess.run([*train[:2], "--dry_run", *train[2:]], capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr
   assert "-m vimjax.sweep --distributed --sweep=configs/sweeps/x.py" in proc.stdout

@@ -30,6 +30,8 @@ _LAUNCHER_ARGS = flags.DEFINE_list(
     "--accelerator_type=v4-32 (tpu_vm) or --nodes=2,--partition=a100 (slurm).")
 _TRIALS_PER_SLICE = flags.DEFINE_integer("trials_per_slice", 1, "tpu_vm: trials run one after "
                                          "another on one slice (1 = a slice per trial).")
+_TPU_STEPS = flags.DEFINE_list("tpu_steps", list(launchers.TPU_STEPS), "tpu_vm: launch/tpu_vm.sh "
+                               "steps per slice; a re-run whose slices exist: --tpu_steps=train.")
 _NAME = flags.DEFINE_string("name", "vimjax-sweep", "tpu_vm slice-name prefix / SLURM job name.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples per fit.")
 
@@ -51,7 +53,8 @@ def main(argv):
         _SWEEP.value, workdir, launcher=_LAUNCHER.value, dry_run=_DRY_RUN.value,
         parallel=_PARALLEL.value, only=tuple(_TRIALS.value),
         launcher_args=tuple(_LAUNCHER_ARGS.value), trials_per_slice=_TRIALS_PER_SLICE.value,
-        name=_NAME.value, distributed=runtime.DISTRIBUTED.value)
+        name=_NAME.value, tpu_steps=tuple(_TPU_STEPS.value),
+        distributed=runtime.DISTRIBUTED.value)
     local_done = _LAUNCHER.value == "local" and not _DRY_RUN.value
     if local_done and not runtime.DISTRIBUTED.value:  # Packed slices: collect once, after.
       result = {**report.collect_and_fit(workdir, _BOOTSTRAP.value), "launch": result}

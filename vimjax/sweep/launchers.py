@@ -108,10 +108,14 @@ def slurm_commands(args_file: str, options: list[str], job_name: str) -> list[st
                            f"--job_name={job_name}", f"--array_file={args_file}"])]
 
 
+TPU_STEPS = ("create", "setup", "train")
+
+
 def tpu_vm_commands(trial_args: list[tuple[int, list[str]]], options: list[str],
                     slice_prefix: str, trials_per_slice: int,
-                    sweep_args: list[str]) -> list[str]:
-  """create / setup / train lines per slice.
+                    sweep_args: list[str], steps: tuple = TPU_STEPS) -> list[str]:
+  """create / setup / train lines per slice (`steps` of them: a re-run whose
+  slices exist passes ("train",), or ("setup", "train") after a code change).
 
   trial_args: (trial index, its train arguments) of the trials to start.
   sweep_args: this binary's --sweep/--workdir, for packed slices, which run
@@ -119,6 +123,8 @@ def tpu_vm_commands(trial_args: list[tuple[int, list[str]]], options: list[str],
   """
   if trials_per_slice < 1:
     raise ValueError(f"--trials_per_slice={trials_per_slice} must be >= 1.")
+  if not steps or any(step not in TPU_STEPS for step in steps):
+    raise ValueError(f"--tpu_steps={','.join(steps)}; valid: a subset of {','.join(TPU_STEPS)}.")
   script = ["bash", os.path.join(SCRIPTS, "tpu_vm.sh"), *options]
   lines = []
   for g in range(0, len(trial_args), trials_per_slice):
@@ -132,6 +138,7 @@ def tpu_vm_commands(trial_args: list[tuple[int, list[str]]], options: list[str],
       train = ["--module=vimjax.sweep", "train", *sweep_args, "--launcher=local",
                f"--trials={indices}"]
     named = [*script, f"--name={name}"]
-    lines += [spec.shell_line([*named, "create"]), spec.shell_line([*named, "setup"])]
-    lines.append(spec.shell_line([*named, "--no_follow", *train]))
+    lines += [spec.shell_line([*named, step]) for step in ("create", "setup") if step in steps]
+    if "train" in steps:
+      lines.append(spec.shell_line([*named, "--no_follow", *train]))
   return lines

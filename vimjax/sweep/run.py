@@ -13,7 +13,7 @@ from vimjax.sweep import spec
 def launch(sweep_path: str, workdir: str, *, launcher: str = "local", dry_run: bool = False,
            parallel: int = 1, only: tuple = (), launcher_args: tuple = (),
            trials_per_slice: int = 1, name: str = "vimjax-sweep",
-           distributed: bool = False) -> dict:
+           tpu_steps: tuple = launchers.TPU_STEPS, distributed: bool = False) -> dict:
   """Starts (or, with dry_run, prints) the sweep's unfinished trials; returns a summary.
 
   Args:
@@ -26,6 +26,7 @@ def launch(sweep_path: str, workdir: str, *, launcher: str = "local", dry_run: b
     launcher_args: options for launch/slurm_gpu.sh or launch/tpu_vm.sh.
     trials_per_slice: tpu_vm: trials run one after another per slice.
     name: tpu_vm slice-name prefix / SLURM job name.
+    tpu_steps: tpu_vm.sh steps per slice (create, setup, train).
     distributed: forward --distributed to the trials (packed TPU slices).
   """
   sweep = spec.load_sweep(sweep_path)
@@ -90,7 +91,7 @@ def launch(sweep_path: str, workdir: str, *, launcher: str = "local", dry_run: b
     sweep_args = [f"--sweep={sweep_path}", f"--workdir={workdir}"]
     commands = launchers.tpu_vm_commands(
         [(t.index, args[t.name]) for t in todo], list(launcher_args), name,
-        trials_per_slice, sweep_args)
+        trials_per_slice, sweep_args, tuple(tpu_steps))
     if not workdir.startswith("gs://"):
       logging.warning("--workdir=%s is not gs://: the slices cannot share it.", workdir)
   if not todo:
