@@ -271,6 +271,18 @@ def test_n_and_d_swept_fit_both_laws_and_the_frontier(tmp_path):
   assert fits["N_opt(C)"]["trials"] == fits["L(C)"]["trials"]
 
 
+def test_local_sweep_reports_a_crashing_trial(tmp_path):
+  """The real path: vimjax.train exits with an error; the sweep's final line names it."""
+  path = _sweep_file(tmp_path, sizes=(16,))  # data.source is still parti.py's placeholder.
+  _, result = _binary(f"--sweep={path}", f"--workdir={tmp_path / 'w'}", "--bootstrap=10")
+  assert result["num_runs"] == 0 and result["launch"]["failed"] == ["000-d16"]
+  (excluded,) = result["excluded"]
+  assert excluded["status"] == "failed" and "exit 1" in excluded["reason"]
+  assert "data.source='array_record:<dir>" in excluded["reason"]
+  with open(tmp_path / "w" / "results.csv") as f:
+    assert [row["status"] for row in csv.DictReader(f)] == ["failed"]
+
+
 # Remote launchers.
 
 def test_tokenizer_sweep_tpu_vm_dry_run(tmp_path):
