@@ -157,6 +157,10 @@ def test_sweep_file_errors(tmp_path):
   missing.write_text(SWEEP_FILE.replace('  c.metric = "eval_bits_per_token"\n', "") % ((16,),))
   with pytest.raises(ValueError, match="missing 'metric'"):
     spec.load_sweep(str(missing))
+  unset = tmp_path / "unset.py"
+  unset.write_text(SWEEP_FILE.replace('"model.mlp_dim"', '"model.conv_attention_kernel"') % ((16,),))
+  with pytest.raises(ValueError, match="'model.conv_attention_kernel', which is None"):
+    spec.load_sweep(str(unset))
 
 
 def test_resumed_sweep_launches_only_unfinished_trials(tmp_path):

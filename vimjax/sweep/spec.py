@@ -77,6 +77,11 @@ def load_sweep(path: str) -> ml_collections.ConfigDict:
   for point in expand(sweep):
     overrides = {k: v for k, v in point.items() if k != "name"}
     config_lib.override(base.copy_and_resolve_references(), **overrides)
+    for key in overrides:
+      if _get(base, key) is None:  # config_flags cannot type a None field.
+        raise ValueError(f"The sweep overrides {key!r}, which is None in base={sweep.base!r}: "
+                         f"`--config.{key}=` cannot set a None field; use a base variant "
+                         "where it has a value.")
   for key in sweep.fit_against:
     config_lib.override(base.copy_and_resolve_references(), **{key: _get(base, key)})
   return sweep
@@ -86,7 +91,7 @@ def _get(config, dotted: str):
   node = config
   for part in dotted.split("."):
     if part not in node:
-      raise ValueError(f"fit_against names {dotted!r}, which the base config lacks.")
+      raise ValueError(f"{dotted!r} is not a key of the base config.")
     node = node[part]
   return node
 
