@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from vimjax import summary
+from vimjax import model_stats
 from vimjax.sweep import collect
 from vimjax.sweep import fit
 from vimjax.sweep import launchers
@@ -126,10 +126,10 @@ def test_non_embedding_params_match_a_hand_count():
   decoder = m.decoder_layers * (2 * attention + dense + 3 * norm)
   expected = encoder + decoder + 2 * norm  # + final encoder and decoder norms.
   params = tasks.abstract_params(config)
-  assert summary.count_non_embedding_params(params) == expected
+  assert model_stats.count_non_embedding_params(params) == expected
   embeddings = (m.text_vocab_size * d + m.max_text_length * d + 2 * m.grid_size * d + 2 * d
                 + m.codebook_size * d + d * m.codebook_size + m.codebook_size)
-  assert summary.count_params(params) == expected + embeddings
+  assert model_stats.count_params(params) == expected + embeddings
 
 
 def test_flops_per_token_match_the_6n_rule():
@@ -138,8 +138,8 @@ def test_flops_per_token_match_the_6n_rule():
   from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
   config = vim.get_config("tiny")
   m = config.model
-  got = summary.summarize(config, with_flops=True)
-  logits = summary.count_params(tasks.abstract_params(config)["logits"])
+  got = model_stats.summarize(config, with_flops=True)
+  logits = model_stats.count_params(tasks.abstract_params(config)["logits"])
   expected = (6 * (got["non_embedding_params"] + logits)
               + 12 * m.num_layers * m.grid_size ** 2 * m.emb_dim)
   assert got["tokens_per_example"] == m.grid_size ** 2
@@ -210,7 +210,7 @@ def test_broken_trials_are_reported_and_excluded(tmp_path):
   from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
   good = trials[:len(SIZES)]
   for trial in good:  # Losses on an exact law of the non-embedding count.
-    n = summary.count_non_embedding_params(tasks.abstract_params(spec.trial_config(sweep, trial)))
+    n = model_stats.count_non_embedding_params(tasks.abstract_params(spec.trial_config(sweep, trial)))
     _write_trial(sweep, trial, step=40, metric=20 * n ** -0.3 + 0.5, flops_per_step=6.0 * n)
   nan, failed, cut = trials[len(SIZES):]
   _write_trial(sweep, nan, step=40, metric=float("nan"))
@@ -254,7 +254,7 @@ def test_n_and_d_swept_fit_both_laws_and_the_frontier(tmp_path):
     config = spec.trial_config(sweep, trial)
     dim = config.model.emb_dim
     if dim not in counts:
-      counts[dim] = summary.count_non_embedding_params(tasks.abstract_params(config))
+      counts[dim] = model_stats.count_non_embedding_params(tasks.abstract_params(config))
     n = counts[dim]
     d = config.total_steps * config.global_batch_size * config.model.grid_size ** 2
     loss = 0.5 + 30 * n ** -0.4 + 80 * d ** -0.3

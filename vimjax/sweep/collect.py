@@ -10,7 +10,7 @@ A finished trial whose metric is missing or not finite is "broken". Only
 finished trials enter the fits; every other one stays in results.csv with its
 status and reason, and is listed in the final JSON line.
 
-Axes: N = non-embedding parameters (summary.py), C = model FLOPs of a train
+Axes: N = non-embedding parameters (model_stats.py), C = model FLOPs of a train
 step (flops.py, as train_result.json records them) x steps, D = tokens seen =
 steps x global batch x tokens per example.
 """
@@ -59,7 +59,7 @@ def trial_row(trial: dict, base: str, metric: str, fit_against, extra_overrides:
   """One results.csv row: status, metric, N, C, D, the overrides and times."""
   from vimjax import checkpoint  # pylint: disable=g-import-not-at-top
   from vimjax import config_lib  # pylint: disable=g-import-not-at-top
-  from vimjax import summary  # pylint: disable=g-import-not-at-top
+  from vimjax import model_stats  # pylint: disable=g-import-not-at-top
   from vimjax.sweep import spec  # pylint: disable=g-import-not-at-top
   workdir = trial["workdir"]
   status, reason = trial_status(workdir)
@@ -73,7 +73,7 @@ def trial_row(trial: dict, base: str, metric: str, fit_against, extra_overrides:
          "non_embedding_params": params, "steps": config.total_steps,
          "global_batch_size": config.global_batch_size,
          "tokens_seen": config.total_steps * config.global_batch_size
-         * summary.tokens_per_example(config), "train_flops": None}
+         * model_stats.tokens_per_example(config), "train_flops": None}
   for key in fit_against:
     row[key] = _get(config, key)
   for key, value in trial["overrides"].items():
@@ -100,12 +100,12 @@ _PARAM_COUNTS = {}
 
 def _non_embedding_params(config) -> int:
   """Cached by (task, model, data): the trials of a sweep share a handful of sizes."""
-  from vimjax import summary  # pylint: disable=g-import-not-at-top
+  from vimjax import model_stats  # pylint: disable=g-import-not-at-top
   from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
   key = json.dumps([config.task, config.model.to_dict(), config.data.to_dict()], sort_keys=True,
                    default=str)
   if key not in _PARAM_COUNTS:
-    _PARAM_COUNTS[key] = summary.count_non_embedding_params(tasks.abstract_params(config))
+    _PARAM_COUNTS[key] = model_stats.count_non_embedding_params(tasks.abstract_params(config))
   return _PARAM_COUNTS[key]
 
 
