@@ -20,7 +20,10 @@ A sweep file is an ml-collections file under configs/sweeps/ whose
              trials (its outputs become overrides of every trial).
   prepare_args  keyword arguments of that stage.
 
-Trial i's workdir is WORKDIR/trials/NAME: a normal training workdir.
+Trial i's workdir is WORKDIR/trials/NNN-label (label: the point's name and
+grid values), a normal training workdir. Points are numbered in order, so add
+new points at the end of `trials` (or of a grid axis's values only when it is
+the last axis) to keep the existing trials' workdirs.
 """
 import dataclasses
 import importlib.util
@@ -83,7 +86,7 @@ def load_sweep(path: str) -> ml_collections.ConfigDict:
                          f"`--config.{key}=` cannot set a None field; use a base variant "
                          "where it has a value.")
   for key in sweep.fit_against:
-    config_lib.override(base.copy_and_resolve_references(), **{key: _get(base, key)})
+    _get(base, key)
   return sweep
 
 
