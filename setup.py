@@ -23,7 +23,8 @@ setuptools.setup(
         "numpy>=1.26,<3",
         "sentencepiece>=0.2,<0.3",
         "pillow>=10,<14",
-        "scipy>=1.11,<2",  # sqrtm of the Fréchet distance (FID), as pytorch-fid and ADM.
+        "scipy>=1.11,<2",  # FID sqrtm (as pytorch-fid and ADM); sweep fits (least squares).
+        "matplotlib>=3.8,<4",  # Sweep plots.
     ],
     extras_require={
         # libtpu (via jax[tpu]) lets tests compile for TPU topologies on CPU (aot_compile).

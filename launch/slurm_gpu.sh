@@ -3,6 +3,7 @@
 #
 #   launch/slurm_gpu.sh [options] --config=FILE[:variant] --workdir=DIR [--config.KEY=VALUE ...]
 #   launch/slurm_gpu.sh --nodes=4 --partition=gpu --config=configs/parti.py:350m --workdir=/shared/parti
+#   launch/slurm_gpu.sh [options] --array_file=FILE
 #
 # srun starts one `python -m vimjax.train --distributed ARGS` per GPU (or per
 # node with --per=node); jax.distributed.initialize() finds the coordinator,
@@ -11,6 +12,11 @@
 # SIGTERM 5 minutes before its time limit: all processes save a checkpoint at
 # the same step and exit, and the requeued job resumes from it. The job runs in
 # the repository root: relative paths in the train arguments start there.
+#
+# --array_file=FILE submits a SLURM array job instead (what `python -m
+# vimjax.sweep --launcher=slurm` writes): line I+1 of FILE holds the train
+# arguments (shell words, quoted) of array task I, each task a job of the
+# shape above.
 #
 # Options:
 #   --nodes=N            nodes (default 1)
@@ -21,6 +27,8 @@
 #   --time=T             time limit, e.g. 24:00:00 (default 24:00:00)
 #   --job_name=NAME      job name (default vimjax)
 #   --log_dir=DIR        batch script and job logs (default ./slurm_logs)
+#   --array_file=FILE    one line of train arguments per array task
+#   --array_parallel=M   array tasks running at once, at most (default: all)
 #   --python=PY          interpreter on the nodes (default: python, as found in
 #                        the submitting shell's PATH; activate the venv first)
 #   --dry_run            print the batch script and the sbatch command, submit nothing
@@ -40,6 +48,8 @@ time_limit="24:00:00"
 job_name="vimjax"
 log_dir="slurm_logs"
 python_bin="python"
+array_file=""
+array_parallel=""
 dry_run=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -52,6 +62,8 @@ while [[ $# -gt 0 ]]; do
     --job_name=*) job_name="${1#*=}" ;;
     --log_dir=*) log_dir="${1#*=}" ;;
     --python=*) python_bin="${1#*=}" ;;
+    --array_file=*) array_file="${1#*=}" ;;
+    --array_parallel=*) array_parallel="${1#*=}" ;;
     --dry_run) dry_run=1 ;;
     -h|--help) usage ;;
     --config=*|--config.*|--workdir=*) break ;;  # The train arguments start here.
@@ -59,12 +71,19 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-for value in "$nodes" "$gpus"; do
+for value in "$nodes" "$gpus" ${array_parallel:+"$array_parallel"}; do
   [[ "$value" =~ ^[1-9][0-9]*$ ]] || { echo "Expected a positive integer, got '$value'." >&2; usage; }
 done
 [[ "$per" == gpu || "$per" == node ]] || { echo "--per=$per must be gpu or node." >&2; usage; }
-[[ " $* " == *" --config="* ]] || { echo "Missing --config=FILE[:variant]." >&2; usage; }
-[[ " $* " == *" --workdir="* ]] || { echo "Missing --workdir=DIR (on a shared filesystem)." >&2; usage; }
+if [[ -n "$array_file" ]]; then
+  [[ $# -eq 0 ]] || { echo "--array_file takes the train arguments from FILE, got: $*" >&2; usage; }
+  [[ -s "$array_file" ]] || { echo "--array_file=$array_file is missing or empty." >&2; usage; }
+  array_file="$(realpath "$array_file")"
+  array_size=$(grep -c '' "$array_file")
+else
+  [[ " $* " == *" --config="* ]] || { echo "Missing --config=FILE[:variant]." >&2; usage; }
+  [[ " $* " == *" --workdir="* ]] || { echo "Missing --workdir=DIR (on a shared filesystem)." >&2; usage; }
+fi
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log_dir="$(realpath -m "$log_dir")"
@@ -86,6 +105,8 @@ else
   device_env="export JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus - 1)))  # All GPUs in the one process."
 fi
 processes=$((nodes * tasks_per_node))
+job_id_pattern="%j"
+[[ -z "$array_file" ]] || job_id_pattern="%A_%a"  # Array job id _ task index.
 
 script="#!/bin/bash
 #SBATCH --job-name=${job_name}
@@ -93,18 +114,25 @@ script="#!/bin/bash
 #SBATCH --ntasks-per-node=${tasks_per_node}
 #SBATCH --gpus-per-node=${gpus}
 #SBATCH --time=${time_limit}
-#SBATCH --output=${log_dir}/%x-%j.out
+#SBATCH --output=${log_dir}/%x-${job_id_pattern}.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=TERM@300"
 [[ -z "$partition" ]] || script+=$'\n'"#SBATCH --partition=${partition}"
 [[ -z "$account" ]] || script+=$'\n'"#SBATCH --account=${account}"
+[[ -z "$array_file" ]] ||
+  script+=$'\n'"#SBATCH --array=0-$((array_size - 1))${array_parallel:+%${array_parallel}}"
+launch_line="srun --kill-on-bad-exit=1 ${train_cmd}"
+if [[ -n "$array_file" ]]; then
+  launch_line="args=\"\$(sed -n \"\$((SLURM_ARRAY_TASK_ID + 1))p\" $(quote "$array_file"))\"
+eval \"${launch_line//\"/\\\"} \$args\""
+fi
 script+="
 # ${processes} processes (ids 0..$((processes - 1)) = SLURM_PROCID), one per ${per}.
 set -euo pipefail
 cd $(quote "$repo")${device_env:+
 ${device_env}}
-srun --kill-on-bad-exit=1 ${train_cmd}
+${launch_line}
 "
 
 batch_file="${log_dir}/${job_name}.sbatch"

@@ -14,7 +14,8 @@
 #           and installs it with the [tpu] extra into ~/vimjax_venv.
 #   train   starts `python -m vimjax.train --distributed ARGS` on every worker
 #           (detached; log in ~/vimjax_train.log on each), then streams worker
-#           0's log (Ctrl-C stops streaming, not training). Re-running the same
+#           0's log (Ctrl-C stops streaming, not training; --no_follow returns
+#           at once, as a sweep starting many slices wants). Re-running the same
 #           command resumes from the latest checkpoint in --workdir, which must
 #           be shared by all workers: use gs://.
 #   logs    streams the log of --worker (default 0).
@@ -31,6 +32,9 @@
 #   --name=NAME             slice name (default vimjax)
 #   --spot                  create a Spot (preemptible) slice
 #   --worker=N              worker whose log `logs` streams (default 0)
+#   --module=M              python module `train` runs (default vimjax.train;
+#                           vimjax.sweep runs several sweep trials on the slice)
+#   --no_follow             `train` starts the job and does not stream its log
 #   --dry_run               print the commands, run nothing
 set -euo pipefail
 
@@ -46,6 +50,8 @@ version="tpu-ubuntu2204-base"
 name="vimjax"
 spot=0
 worker=0
+module=vimjax.train
+follow=1
 dry_run=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -56,6 +62,8 @@ while [[ $# -gt 0 ]]; do
     --name=*) name="${1#*=}" ;;
     --spot) spot=1 ;;
     --worker=*) worker="${1#*=}" ;;
+    --module=*) module="${1#*=}" ;;
+    --no_follow) follow=0 ;;
     --dry_run) dry_run=1 ;;
     -h|--help) usage ;;
     --*) echo "Unknown option $1 (options come before the step)." >&2; usage ;;
@@ -114,15 +122,17 @@ $venv/bin/pip install -q -U pip; $venv/bin/pip install -q -e \"$remote_dir[tpu]\
 $venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count())'"
     ;;
   train)
-    [[ " $* " == *" --config="* ]] || { echo "train needs --config=FILE[:variant]." >&2; usage; }
+    [[ $module != vimjax.train || " $* " == *" --config="* ]] || {
+      echo "train needs --config=FILE[:variant]." >&2; usage; }
     [[ " $* " == *" --workdir="* ]] || { echo "train needs --workdir=gs://..." >&2; usage; }
     [[ " $* " == *" --workdir=gs://"* ]] || echo "Warning: --workdir is not gs://; every worker" \
       "must see the same directory for checkpoints and resume." >&2
     args=""
     for arg in "$@"; do args+=" $(printf '%q' "$arg")"; done
     # Detached, so a dropped ssh connection does not stop training; the pid file lets `stop` find it.
-    ssh_all "cd $remote_dir && (setsid nohup $venv/bin/python -m vimjax.train --distributed$args \
+    ssh_all "cd $remote_dir && (setsid nohup $venv/bin/python -m $module --distributed$args \
 > $log 2>&1 < /dev/null & echo \$! > \$HOME/vimjax_train.pid)"
+    [[ $follow == 1 ]] || exit 0
     run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=0 --command="tail -n +1 -F $log"
     ;;
   logs)

@@ -120,6 +120,10 @@ def test_slurm_dry_run_one_process_per_node():
 @pytest.mark.parametrize("args,says", [
     ((), "Missing --config"), (("--config=c",), "Missing --workdir"),
     (("--per=host", *TRAIN), "--per=host"), (("--nodes=x", *TRAIN), "positive integer"),
-    (("--bogus", *TRAIN), "Unknown option")])
+    (("--bogus", *TRAIN), "Unknown option"),
+    (("--array_file=/nonexistent/trials.args",), "missing or empty"),
+    (("--array_file=/dev/null",), "missing or empty"),
+    (("--array_file=" + os.path.abspath(__file__), *TRAIN), "takes the train arguments from FILE"),
+    (("--array_parallel=0", *TRAIN), "positive integer")])
 def test_slurm_usage_errors(args, says):
   _assert_usage_error("slurm_gpu.sh", *args, says=says)

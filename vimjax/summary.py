@@ -1,40 +1,44 @@
 """python -m vimjax.summary --config=configs/vitvqgan.py:small
 
 Parameter counts per top-level module, from jax.eval_shape (no weights are
-materialised, so paper-size configs summarise in seconds on a laptop). Final
-line: {"total_params": N, "modules": {name: N, ...}}.
+materialised, so paper-size configs summarise in seconds on a laptop), the
+non-embedding count the scaling-law papers use (Kaplan et al. 2020; Parti's
+Table 1 sizes "exclude the embedding tables"), and with --flops the model
+FLOPs per trained token (the lowered train step, see flops.py). Final line:
+{"total_params": N, "non_embedding_params": N, "modules": {name: N, ...},
+"flops_per_token": F (with --flops), "tokens_per_example": T}. The counting
+lives in model_stats.py.
 """
-import math
-
 from absl import app
 from absl import flags
-import jax
 from ml_collections import config_flags
 
+from vimjax import model_stats
 from vimjax import runtime
-from vimjax.train import tasks
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].")
+_FLOPS = flags.DEFINE_bool("flops", True, "Also lower the train step for FLOPs per token "
+                           "(Parti needs data.text_tokenizer to exist).")
 
-
-def count_params(tree) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
-def summarize(config) -> dict:
-  modules = {name: count_params(tree) for name, tree in tasks.abstract_params(config).items()}
-  return {"total_params": sum(modules.values()), "modules": modules}
+# Library names kept here for existing callers.
+summarize = model_stats.summarize
+count_params = model_stats.count_params
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  result = summarize(_CONFIG.value)
+  result = model_stats.summarize(_CONFIG.value, _FLOPS.value)
   width = max(len(n) for n in result["modules"]) + 2
   print(f"{'module':<{width}}{'params':>16}")
   for name, n in result["modules"].items():
     print(f"{name:<{width}}{n:>16,}")
   print(f"{'total':<{width}}{result['total_params']:>16,}")
+  print(f"{'non-embedding':<{width}}{result['non_embedding_params']:>16,}")
+  if result.get("flops_per_token") is not None:
+    print(f"{'FLOPs/token':<{width}}{result['flops_per_token']:>16.4g}")
+  elif "flops_note" in result:
+    print(f"FLOPs/token: {result['flops_note']}")
   runtime.emit_result(result, None, "summary")
 
 
