@@ -65,7 +65,11 @@ def test_config_keys_and_lock(family, variant):
     config.not_a_key = 1
   optimizers.create_optimizer(config.optimizer, config.total_steps)  # Valid names.
   assert config.model.dtype == ("float32" if variant == "tiny" else "bfloat16")
-  assert config.model.cfg_dropout == 0.1
+  # VIM's paper trains without condition dropout; Parti's drops the text (rate not given).
+  assert config.model.cfg_dropout == (0.0 if (family, variant) != ("vim", "tiny") and
+                                      family == "vim" else 0.1)
+  # No z-loss in either paper; the tiny demos keep one.
+  assert config.model.z_loss_weight == (1e-4 if variant == "tiny" else 0.0)
   assert config.model.num_heads % config.mesh.tensor == 0
   if variant != "tiny":
     assert config.model.dropout_rate == 0.1 and config.model.grid_size == 32

@@ -17,6 +17,7 @@ from vimjax import parallel
 from vimjax import summary
 from vimjax.train import loop
 from vimjax.train import tasks
+from vimjax.train import tokenizer
 
 
 def micro_config(**overrides):
@@ -167,3 +168,21 @@ def test_paper_sizes_per_side(variant, paper, tolerance):
   encoder_side = counts["encoder"] + counts["quantizer"]
   assert abs(encoder_side - paper) / paper <= tolerance, encoder_side
   assert abs(counts["decoder"] - paper) / paper <= tolerance, counts["decoder"]
+
+
+@pytest.mark.parametrize("variant", ["ss", "bb", "sl"])
+def test_paper_variants_follow_the_paper(variant):
+  config = vitvqgan.get_config(variant)
+  # No dead-code restarts in the paper (only the tiny demo uses them).
+  assert not config.loss.restart_dead_codes and vitvqgan.get_config("tiny").loss.restart_dead_codes
+  # StyleGAN2's 256 px discriminator widths (stylegan2-ada's paper256: channel_base 16384).
+  disc = tokenizer.build_discriminator(config)
+  assert disc.resolution_channels() == {r: min(16384 // r, 512) for r in (256, 128, 64, 32, 16, 8, 4)}
+  o = config.optimizer
+  assert (o.name, o.lr, o.b1, o.b2, o.weight_decay) == ("adamw", 1e-4, 0.9, 0.99, 1e-4)
+  assert (o.warmup_steps, o.schedule, o.end_lr, config.total_steps) == (
+      50_000, "cosine", 5e-5, 500_000)
+  assert config.global_batch_size == 256 and config.model.codebook_size == 8192
+  loss = config.loss
+  assert (loss.vq_beta, loss.adversarial_weight, loss.perceptual_weight,
+          loss.logit_laplace_weight, loss.l2_weight) == (0.25, 0.1, 0.1, 0.1, 1.0)
