@@ -11,7 +11,6 @@ The discriminator's optimizer starts at loss.adversarial_start_step and reads
 its schedule at the global step.
 """
 import functools
-import os
 
 from absl import logging
 import flax.linen as nn
