@@ -74,7 +74,7 @@ def test_params_are_sharded_where_the_rules_say():
   codebook = state.params["generator"]["quantizer"]["codebook"]
   assert codebook.sharding.spec == P("fsdp", None)
   # Adam moments follow their params.
-  mu = state.opt_state["generator"][1][0].mu["encoder"]["transformer"]["layers_0"]["mlp"]["wi"]
+  mu = state.opt_state["generator"][1].mu["encoder"]["transformer"]["layers_0"]["mlp"]["wi"]
   assert mu["kernel"].sharding.spec == P("fsdp", "tensor")
 
 
