@@ -228,3 +228,15 @@ def test_adafactor_uses_b2_and_decoupled_decay():
     params = optax.apply_updates(params, updates)
   expected = _factored_adafactor_reference(grads, w0, 0.01, 0.9, 0.96, 0.045)
   np.testing.assert_allclose(params["w"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_optimizer_settings_fail_in_config_validation():
+  from configs import vitvqgan  # pylint: disable=g-import-not-at-top
+  from vimjax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.override(vitvqgan.get_config("tiny"), **{"disc_optimizer.name": "adam"})
+  with pytest.raises(ValueError, match="optimizer.name='adam' with weight_decay=0.0001"):
+    config_lib.validate(config, 8)
+  config = config_lib.override(vitvqgan.get_config("tiny"),
+                               **{"optimizer.accumulation_steps": 0})
+  with pytest.raises(ValueError, match="optimizer.accumulation_steps=0 must be >= 1"):
+    config_lib.validate(config, 8)

@@ -118,6 +118,9 @@ def create_optimizer(opt, total_steps: int,
   """
   if opt.name not in OPTIMIZERS:
     raise ValueError(f"optimizer.name={opt.name!r}; valid: {OPTIMIZERS}.")
+  if int(opt.accumulation_steps) < 1:
+    raise ValueError(f"optimizer.accumulation_steps={opt.accumulation_steps} must be >= 1 "
+                     "(1 = no accumulation).")
   if opt.name == "adam" and opt.weight_decay:
     raise ValueError(f"optimizer.name='adam' with weight_decay={opt.weight_decay}: plain Adam "
                      "has no weight decay; use name='adamw' (decoupled) or weight_decay=0.")
