@@ -4,7 +4,7 @@ Parti: text encoder + autoregressive image-token decoder with cross-attention
 (Yu et al. 2022, arXiv 2206.10789).
 
 Variants: `tiny` (the demo: shapes captions -> 8x8 tokens of 32 px images,
-codebook 512, 2+2 layers of dim 128; trains on 2 CPU cores in about a
+codebook 256, 2+2 layers of dim 128; trains on 2 CPU cores in about a
 minute) and the paper's `350m`, `750m`, `3b`, `20b` (Table 1; SentencePiece
 vocabulary 16,000, 128 text tokens, 32x32 image tokens over an 8192-entry
 codebook; the paper's parameter counts exclude the embedding tables).
@@ -92,7 +92,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       # Probability of dropping a row's text for classifier-free guidance (the
       # paper does not give it).
       cfg_dropout=0.1,
-      z_loss_weight=1e-4,  # PaLM-style log(Z)^2 penalty on the logits.
+      # PaLM-style log(Z)^2 penalty on the logits; not in the paper (0 there).
+      z_loss_weight=1e-4 if tiny else 0.0,
       # Conv-shaped (local 2D causal) decoder self-attention, (rows, cols) as in
       # layers.conv_shaped_causal_mask: DALL-E's 11x11 causal kernel is 6 rows
       # (5 above + current) x 11 columns. None = full causal attention.

@@ -4,7 +4,7 @@ VIM: decoder-only transformer over ViT-VQGAN image tokens (Yu et al. 2021,
 arXiv 2110.04627), unconditional or class-conditional (a class-id token is
 prepended; `model.num_classes=0` makes it unconditional).
 
-Variants: `tiny` (the demo: 8x8 tokens of 32 px shapes images, codebook 512,
+Variants: `tiny` (the demo: 8x8 tokens of 32 px shapes images, codebook 256,
 18 shape classes; trains on 2 CPU cores in about a minute) and the paper's
 `base` (VIM-Base, 650M) and `large` (VIM-Large, 1697M), ImageNet at 256 px as
 32x32 tokens over an 8192-entry codebook.
@@ -77,10 +77,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       emb_dim=dim,
       mlp_dim=mlp,
       dropout_rate=0.0 if tiny else 0.1,
-      # Probability of training a row with the null class (enables guidance;
-      # the paper samples without guidance, cfg_scale 1.0).
-      cfg_dropout=0.1,
-      z_loss_weight=1e-4,  # PaLM-style log(Z)^2 penalty on the logits.
+      # Probability of training a row with the null class (enables guidance).
+      # The paper has neither guidance (cfg_scale 1.0) nor condition dropout:
+      # 0 in the paper variants; the demo uses it.
+      cfg_dropout=0.1 if tiny else 0.0,
+      # PaLM-style log(Z)^2 penalty on the logits; not in the paper (0 there).
+      z_loss_weight=1e-4 if tiny else 0.0,
       scan_layers=not tiny,
       remat_policy="none" if tiny else "dots",
       dtype="float32" if tiny else "bfloat16",

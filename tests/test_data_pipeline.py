@@ -138,7 +138,9 @@ def test_tfds_field_mapping(monkeypatch):
   inet = sources.make_source("tfds:imagenet2012", "eval", image_size=32)
   assert inet[0]["label"] == 7 and inet[0]["label"].dtype == np.int32 and inet[0]["caption"] == ""
   coco = sources.make_source("tfds:coco_captions:val", "train", image_size=32)
-  assert coco[0]["caption"] == "two dogs" and coco[0]["label"] == -1
+  # Every caption is kept, one per line (the pipeline draws one per epoch).
+  assert coco[0]["caption"] == "two dogs\ndogs" and coco[0]["label"] == -1
+  assert sources.split_captions(coco[0]["caption"]) == ["two dogs", "dogs"]
   assert opened == [("imagenet2012", "validation"), ("coco_captions", "val")]
 
 
@@ -359,3 +361,23 @@ def test_to_global_batch_on_8_devices():
   np.testing.assert_array_equal(np.asarray(out["label"]), host["label"])
   with pytest.raises(ValueError, match="'label' has 6 global rows"):
     pipeline.to_global_batch({"label": np.arange(6)}, mesh)
+
+
+def test_multi_caption_examples_train_on_every_caption(tmp_path):
+  # COCO-style: 5 captions per image. Training draws one per example and epoch
+  # (all 5 are seen, each with its own image); eval keeps them all.
+  root = tmp_path / "coco"
+  for label, color in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+    _write_image(str(root / label / "img.png"), color=color)
+    (root / label / "img.txt").write_text("".join(f"{label} caption {i}\n" for i in range(5)))
+  cfg = _config(f"folder:{root}", num_train_examples=0, num_eval_examples=0)
+  seen = {0: set(), 1: set()}
+  for batch in _take(pipeline.create_iterator(cfg, split="train", global_batch_size=2, seed=0,
+                                              train=True), 30):
+    for label, caption in zip(batch["label"], batch["caption"]):
+      seen[int(label)].add(str(caption))
+  assert seen == {0: {f"a caption {i}" for i in range(5)}, 1: {f"b caption {i}" for i in range(5)}}
+  (batch,) = _take(pipeline.create_iterator(cfg, split="eval", global_batch_size=2, seed=0,
+                                            train=False), 1)
+  assert [sources.split_captions(str(c)) for c in batch["caption"]] == [
+      [f"{label} caption {i}" for i in range(5)] for label in "ab"]

@@ -207,3 +207,10 @@ def test_train_vocab_command_line(tmp_path):
   refused = subprocess.run(cmd, capture_output=True, text=True, env=env)
   assert refused.returncode != 0
   assert refused.stderr.strip().splitlines()[-1].startswith(f"error: '{output}.model' already")
+
+
+def test_multi_caption_eval_examples_tokenize_their_first_caption(vocab):
+  transform = text.TokenizeCaptions(vocab["model"], 12)
+  first, second = "a red circle at the top", "a blue square"
+  got = transform.map({"caption": f"{first}\n{second}"})["text_ids"]
+  np.testing.assert_array_equal(got, text.TextTokenizer(vocab["model"], 12).encode([first])[0][0])

@@ -64,7 +64,7 @@ def test_tokens_equal_the_tokenizers_codes(tokenizer_workdir, encoded):
   # source's images with the eval pipeline's preprocessing.
   config = encode.load_tokenizer_config(tokenizer_workdir)
   model = tokenizer.build_model(config)
-  params = tokenizer.load_generator_params(tokenizer_workdir)
+  params, _ = tokenizer.load_pretrained(tokenizer_workdir)
   for split in ("train", "eval"):
     records = sources.make_source(f"array_record:{output}/tokens-{split}-*.array_record", split,
                                   image_size=SIZE)

@@ -46,21 +46,32 @@ def test_causal_mask_is_lower_triangular():
   np.testing.assert_array_equal(m[0, 0], np.tril(np.ones((5, 5), bool)))
 
 
-@pytest.mark.parametrize("h,w,kh,kw", [(4, 5, 2, 3), (5, 5, 3, 3), (3, 6, 1, 4), (4, 4, 9, 9)])
+@pytest.mark.parametrize("h,w,kh,kw", [(4, 5, 2, 3), (5, 5, 3, 3), (3, 6, 1, 4), (4, 4, 9, 9),
+                                        (8, 12, 6, 11)])
 def test_conv_shaped_causal_mask_matches_brute_force(h, w, kh, kw):
+  # The window is centred on the predicted cell i; key j holds the token of cell j - 1.
   ref = np.zeros((h * w, h * w), bool)
+  ref[:, 0] = True  # The start token.
   for i in range(h * w):
     ri, ci = divmod(i, w)
-    for j in range(h * w):
-      rj, cj = divmod(j, w)
-      in_rows = ri - kh + 1 <= rj <= ri
-      in_cols = ci - kw // 2 <= cj <= ci + (kw - 1) // 2
-      ref[i, j] = j <= i and in_rows and in_cols
+    for m in range(i):  # Tokens before the predicted one.
+      rm, cm = divmod(m, w)
+      ref[i, m + 1] = ri - kh + 1 <= rm <= ri and ci - kw // 2 <= cm <= ci + (kw - 1) // 2
   got = np.asarray(layers.conv_shaped_causal_mask(h, w, kh, kw))
   assert got.shape == (1, 1, h * w, h * w)
   np.testing.assert_array_equal(got[0, 0], ref)
   if kh >= h and kw >= 2 * w:  # A window covering the image is plain causal.
     np.testing.assert_array_equal(got[0, 0], np.tril(np.ones((h * w,) * 2, bool)))
+
+
+def test_conv_shaped_mask_window_is_centred_on_the_predicted_token():
+  # DALL-E's (6, 11) kernel: predicting (5, 5) sees the 5 columns either side
+  # in the rows above, and the 5 tokens to its left in its own row.
+  w = 12
+  row = np.asarray(layers.conv_shaped_causal_mask(8, w, 6, 11))[0, 0, 5 * w + 5, 1:]
+  seen = {divmod(m, w) for m in np.flatnonzero(row)}
+  expected = {(r, c) for r in range(5) for c in range(11)} | {(5, c) for c in range(5)}
+  assert seen == expected
 
 
 def test_conv_shaped_causal_mask_rejects_bad_kernel():

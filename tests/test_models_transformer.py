@@ -216,6 +216,11 @@ def test_parti_conv_attention_receptive_field():
     diff = np.abs(run(tokens.at[:, j].set((tokens[:, j] + 1) % V)) - base).max(axis=(0, 2))
     # Token j is the input at position j + 1; with one layer, logits i see it iff mask[i, j+1].
     np.testing.assert_array_equal(diff > 1e-5, mask[:, j + 1])
+    # In grid terms: the prediction of cell i sees token j iff j < i, j's row is
+    # i's or the one above, and j's column within one of i's (kernel (2, 3)).
+    (rj, cj), cells = divmod(j, G), [divmod(i, G) for i in range(G * G)]
+    window = [j < i and 0 <= ri - rj < 2 and abs(cj - ci) <= 1 for i, (ri, ci) in enumerate(cells)]
+    np.testing.assert_array_equal(diff > 1e-5, window)
 
 
 @pytest.mark.parametrize("kernel,scan", [(None, False), ((2, 3), True)])

@@ -242,7 +242,7 @@ def test_checkpoint_restores_on_other_meshes(source, reference, tmp_path):
   assert kernel.sharding.device_set == set(four_devices)
   assert dict(kernel.sharding.mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 2}
   assert kernel.addressable_shards[0].data.shape == (32, 32)
-  mu = four.opt_state["model"][1][0].mu["decoder"]["layers_0"]["mlp"]["wi"]["kernel"]
+  mu = four.opt_state["model"][1].mu["decoder"]["layers_0"]["mlp"]["wi"]["kernel"]
   assert mu.sharding.device_set == set(four_devices) and mu.sharding.spec == kernel.sharding.spec
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(eight), jax.device_get(four))
 

@@ -65,7 +65,11 @@ def test_config_keys_and_lock(family, variant):
     config.not_a_key = 1
   optimizers.create_optimizer(config.optimizer, config.total_steps)  # Valid names.
   assert config.model.dtype == ("float32" if variant == "tiny" else "bfloat16")
-  assert config.model.cfg_dropout == 0.1
+  # VIM's paper trains without condition dropout; Parti's drops the text (rate not given).
+  assert config.model.cfg_dropout == (0.0 if (family, variant) != ("vim", "tiny") and
+                                      family == "vim" else 0.1)
+  # No z-loss in either paper; the tiny demos keep one.
+  assert config.model.z_loss_weight == (1e-4 if variant == "tiny" else 0.0)
   assert config.model.num_heads % config.mesh.tensor == 0
   if variant != "tiny":
     assert config.model.dropout_rate == 0.1 and config.model.grid_size == 32
@@ -130,3 +134,21 @@ def test_parameter_counts_match_the_papers(family, variant):
   measured = non_embedding if family == "parti" else total
   assert abs(measured / paper - 1) < 0.10, (family, variant, total, non_embedding)
   assert non_embedding < total
+
+
+def test_paper_model_and_recipe_settings():
+  """The Recipe audit table (BUILD_NOTES.md): paper values the other tests do not pin."""
+  parti = parti_config.get_config("350m")
+  m = parti.model
+  assert (m.conv_attention_kernel, m.dropout_rate, m.codebook_size, m.grid_size) == (
+      (6, 11), 0.1, 8192, 32)
+  assert (m.z_loss_weight, parti.optimizer.ema_decay, parti.optimizer.accumulation_steps) == (
+      0.0, 0.0, 1)
+  for variant in ("base", "large"):
+    vim = vim_config.get_config(variant)
+    assert (vim.model.cfg_dropout, vim.model.z_loss_weight, vim.model.dropout_rate) == (
+        0.0, 0.0, 0.1)
+    assert (vim.sampling.temperature, vim.sampling.top_k, vim.sampling.top_p,
+            vim.sampling.cfg_scale) == (1.0, 0, 1.0, 1.0)
+    assert (vim.optimizer.weight_decay, vim.optimizer.ema_decay) == (0.0, 0.0)
+    assert vim.model.num_classes == 1000 and vim.model.codebook_size == 8192

@@ -258,3 +258,22 @@ def test_loop_trains_on_token_records(family, data, tmp_path):
     assert result["eval_text_truncated"] == 5  # Records 1003, 1007, ..., 1019.
     assert result["text_truncated"] > 0
   assert os.path.exists(tmp_path / "checkpoints" / str(config.total_steps))
+
+
+def test_logged_lr_is_the_rate_each_accumulated_update_applies(data):
+  # 8 loop steps with accumulation 2 = 4 updates (at loop steps 1, 3, 5, 7): a
+  # warm-up of 4 loop steps = 2 updates (0, lr / 2), then cosine over the
+  # remaining 2 updates from lr (1e-2) towards end_lr (1e-3).
+  config = _config("vim", data, total_steps=8, **{"optimizer.accumulation_steps": 2,
+                                                  "optimizer.warmup_steps": 4})
+  task = tasks.build(config, None)
+  state = _init(task)
+  labels = np.arange(4) % CLASSES
+  batch = _batch("vim", data, labels, np.stack([_pattern(i) for i in labels]), np.ones(4))
+  step = jax.jit(task.train_step)
+  logged = []
+  for i in range(8):
+    state, metrics = step(state, batch, jax.random.key(i), None)
+    logged.append(float(metrics["lr"]))
+  per_update = [0.0, 5e-3, 1e-2, 1e-3 + 9e-3 * 0.5 * (1 + math.cos(math.pi / 2))]
+  np.testing.assert_allclose(logged, np.repeat(per_update, 2), rtol=1e-6, atol=1e-9)

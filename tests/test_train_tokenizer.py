@@ -17,6 +17,7 @@ from vimjax import parallel
 from vimjax import summary
 from vimjax.train import loop
 from vimjax.train import tasks
+from vimjax.train import tokenizer
 
 
 def micro_config(**overrides):
@@ -73,7 +74,7 @@ def test_params_are_sharded_where_the_rules_say():
   codebook = state.params["generator"]["quantizer"]["codebook"]
   assert codebook.sharding.spec == P("fsdp", None)
   # Adam moments follow their params.
-  mu = state.opt_state["generator"][1][0].mu["encoder"]["transformer"]["layers_0"]["mlp"]["wi"]
+  mu = state.opt_state["generator"][1].mu["encoder"]["transformer"]["layers_0"]["mlp"]["wi"]
   assert mu["kernel"].sharding.spec == P("fsdp", "tensor")
 
 
@@ -167,3 +168,27 @@ def test_paper_sizes_per_side(variant, paper, tolerance):
   encoder_side = counts["encoder"] + counts["quantizer"]
   assert abs(encoder_side - paper) / paper <= tolerance, encoder_side
   assert abs(counts["decoder"] - paper) / paper <= tolerance, counts["decoder"]
+
+
+@pytest.mark.parametrize("variant", ["ss", "bb", "sl"])
+def test_paper_variants_follow_the_paper(variant):
+  config = vitvqgan.get_config(variant)
+  # No dead-code restarts in the paper (only the tiny demo uses them).
+  assert not config.loss.restart_dead_codes
+  assert vitvqgan.get_config("tiny").loss.restart_dead_codes
+  # StyleGAN2's 256 px discriminator widths (stylegan2-ada's paper256: channel_base 16384).
+  disc = tokenizer.build_discriminator(config)
+  assert disc.resolution_channels() == {
+      r: min(16384 // r, 512) for r in (256, 128, 64, 32, 16, 8, 4)}
+  o = config.optimizer
+  assert (o.name, o.lr, o.b1, o.b2, o.weight_decay) == ("adamw", 1e-4, 0.9, 0.99, 1e-4)
+  assert (o.warmup_steps, o.schedule, o.end_lr, config.total_steps) == (
+      50_000, "cosine", 5e-5, 500_000)
+  assert config.global_batch_size == 256 and config.model.codebook_size == 8192
+  m = config.model
+  assert (m.lookup_dim, m.patch_size, m.dropout_rate, m.output) == (32, 8, 0.0, "logit_laplace")
+  loss = config.loss
+  assert (loss.vq_beta, loss.adversarial_weight, loss.perceptual_weight,
+          loss.logit_laplace_weight, loss.l2_weight) == (0.25, 0.1, 0.1, 0.1, 1.0)
+  assert (loss.entropy_weight, config.optimizer.ema_decay) == (0.0, 0.0)
+  assert config.disc_optimizer.to_dict() == config.optimizer.to_dict()  # Same Adam for D.

@@ -7,6 +7,7 @@ import ml_collections
 from vimjax import parallel
 from vimjax.data import text
 from vimjax.models import layers
+from vimjax.train import optimizers
 
 REQUIRED_KEYS = ("task", "seed", "total_steps", "global_batch_size", "log_every_steps",
                  "checkpoint_every_steps", "eval_every_steps", "mesh.data", "mesh.fsdp",
@@ -84,6 +85,9 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     raise ValueError(f"global_batch_size={config.global_batch_size} is not divisible by the "
                      f"{num_processes} processes.")
   _validate_levers(config.model)
+  for section in ("optimizer", "disc_optimizer"):  # Names, schedule, decay: before any write.
+    if section in config:
+      optimizers.create_optimizer(config[section], config.total_steps)
   patch = config.model.get("patch_size")
   if patch and config.data.image_size % patch:
     raise ValueError(f"data.image_size={config.data.image_size} is not divisible by "

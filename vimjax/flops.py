@@ -82,7 +82,8 @@ def model_flops_per_step(config, batch: Any = None, executed: bool = False) -> f
   Returns:
     FLOPs of the whole step over all devices (divide by the device count for
     a per-device number). The tokenizer's step is a `cond` on the adversarial
-    phase; the costlier (GAN) branch is counted.
+    phase; the costlier (GAN) branch is counted (`model_flops_by_phase` splits
+    the run into its phases, for MFU).
   """
   from vimjax import parallel  # pylint: disable=g-import-not-at-top
   from vimjax.train import tasks  # pylint: disable=g-import-not-at-top (tasks -> loop -> flops)
@@ -98,6 +99,32 @@ def model_flops_per_step(config, batch: Any = None, executed: bool = False) -> f
     batch = train_batch_shapes(config)
   batch = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in batch.items()}
   return compiled_flops(jax.jit(task.train_step).lower(state, batch, rng, task.frozen))
+
+
+def model_flops_by_phase(config, batch: Any = None) -> tuple[tuple[int, float], ...]:
+  """((first state.step, global model FLOPs per step), ...) of the run's phases, in order.
+
+  The tokenizer's step runs the discriminator and the adversarial loss only
+  from loss.adversarial_start_step on (a `cond`); before that its FLOPs are the
+  ones of the same config without the GAN. Other tasks have one phase.
+  """
+  full = model_flops_per_step(config, batch)
+  if (config.task != "tokenizer" or config.loss.adversarial_weight <= 0
+      or config.loss.adversarial_start_step <= 0):
+    return ((0, full),)
+  before = config.copy_and_resolve_references()
+  with before.unlocked():
+    before.loss.adversarial_weight = 0.0
+  return ((0, model_flops_per_step(before, batch)), (config.loss.adversarial_start_step, full))
+
+
+def flops_between(phases: tuple[tuple[int, float], ...], first_step: int, end_step: int) -> float:
+  """Model FLOPs of the steps whose state.step is in [first_step, end_step)."""
+  total = 0.0
+  for i, (start, per_step) in enumerate(phases):
+    stop = phases[i + 1][0] if i + 1 < len(phases) else end_step
+    total += max(0, min(end_step, stop) - max(first_step, start)) * per_step
+  return total
 
 
 @functools.cache

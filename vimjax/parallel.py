@@ -151,9 +151,12 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   specs = nn.get_partition_spec(abstract_tree)
   mesh_specs = nn.logical_to_mesh(specs, rules)
   unboxed = unbox(abstract_tree)
+  # A leaf-less node (optax's MaskedNode, the state of a frozen param group) is
+  # an empty tuple, so logical_to_mesh made it a P(): keep it as the node it is.
   return jax.tree.map(
       lambda spec, x: NamedSharding(
-          mesh, _fsdp_fallback(_fit_spec(spec, x.shape, mesh), x.shape, mesh)),
+          mesh, _fsdp_fallback(_fit_spec(spec, x.shape, mesh), x.shape, mesh))
+      if hasattr(x, "shape") else x,
       mesh_specs, unboxed, is_leaf=lambda s: isinstance(s, P))
 
 

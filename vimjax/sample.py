@@ -7,7 +7,8 @@ tokens with the stage-1 tokenizer its config names (`tokenizer_workdir`).
   VIM:   --class_id=K (repeatable); none for an unconditional model.
   Both:  --num_samples=N per prompt / class, --cfg_scale, --temperature,
          --top_k, --top_p (defaults: the workdir's config.sampling), --seed,
-         --no_cache (the uncached reference path: same seed, same tokens),
+         --no_cache (the uncached reference path: same seed, same tokens in
+         float32; bfloat16 rounding can flip a near-tie token),
          --batch_size (images per sampling call, 0 = all), --warmup.
 
 Writes the PNG grid (one row per prompt / class when num_samples <= 16, each
@@ -223,7 +224,8 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
     cfg_scale, temperature, top_k, top_p: None = config.sampling's.
     seed: sampling seed; call c of the batched loop uses fold_in(key(seed), c).
     use_cache: KV-cache decoding (None = config.sampling.use_cache); False is
-      the uncached reference path, which gives the same tokens.
+      the uncached reference path: the same tokens in float32 (tested); in
+      bfloat16 the paths round differently and a near-tie can flip a token.
     batch_size: images per sampling call (0 = all at once); rounded up to a
       multiple of the data-parallel size.
     warmup: compile with one untimed call first.

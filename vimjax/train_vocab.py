@@ -38,7 +38,7 @@ def _captions(source, spec: str) -> Iterator[Any]:
     if "caption" not in example:
       raise ValueError(f"--source={spec!r} has no captions (example keys: {sorted(example)}); "
                        "train the vocabulary on a captioned source, e.g. --source=shapes.")
-    yield example["caption"]
+    yield from sources.split_captions(example["caption"]) or [""]
 
 
 def run(source: str, split: str, num_examples: int, vocab_size: int, output: str, *,

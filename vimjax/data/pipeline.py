@@ -153,6 +153,13 @@ class _Preprocess(grain.transforms.MapWithIndex):
         element["image"] = np.zeros((self.image_size,) * 2 + (3,), np.float32)
         ok = False
     out = {k: v for k, v in ((k, _host_value(k, v)) for k, v in element.items()) if v is not None}
+    if self.train and "caption" in out:
+      # One of the example's captions, drawn anew each epoch (the index runs
+      # over the repeated stream), as Parti / DALL-E train on COCO.
+      captions = sources.split_captions(out["caption"])
+      if len(captions) > 1:
+        draw = np.random.default_rng([self.seed, index, 1]).integers(len(captions))
+        out["caption"] = captions[draw]
     out["_decode_ok"] = ok
     return out
 

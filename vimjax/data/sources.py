@@ -19,6 +19,12 @@ Every image source yields dicts with `image` (encoded bytes or uint8
 dataset has none) and `caption` str ("" when it has none). Folder examples also
 carry `path` for error messages.
 
+Multi-caption datasets (COCO: 5 per image) keep every caption: `caption` holds
+them one per line (`CAPTION_SEPARATOR`; a folder `.txt` file likewise has one
+caption per line). The train pipeline draws one per example and epoch
+(`pipeline`), eval and `encode` keep them all, and Parti's tokenizer reads the
+first one of an eval example.
+
 Record encoding (array_record): msgpack via `flax.serialization`, so numpy
 arrays keep dtype and shape, `str` stays str and `bytes` stays bytes. The
 stage-2 `encode` binary writes e.g. {"tokens": int32 [L], "label": int32 [],
@@ -34,6 +40,9 @@ import grain
 import numpy as np
 
 from vimjax.data import shapes
+
+# Separates the captions of a multi-caption example in its `caption` str.
+CAPTION_SEPARATOR = "\n"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # Default sizes of the embedded dataset when no num_examples is given.
@@ -94,16 +103,25 @@ class _Subset:
 
 
 def as_text(value: Any) -> str:
-  """A caption field (str, bytes, array or list of them, {"text": ...}) -> str."""
+  """A caption field (str, bytes, array or list of them, {"text": ...}) -> str.
+
+  Several captions (a list or array) are all kept, one per line.
+  """
   if isinstance(value, dict):  # e.g. coco_captions: {"id": [...], "text": [...]}.
     value = value.get("text", "")
   if isinstance(value, np.ndarray):
-    value = value.reshape(-1)[0] if value.size else ""
-  elif isinstance(value, (list, tuple)):
-    value = value[0] if value else ""
+    value = list(value.reshape(-1))
+  if isinstance(value, (list, tuple)):
+    return CAPTION_SEPARATOR.join(
+        " ".join(as_text(v).split()) for v in value if as_text(v).strip())
   if isinstance(value, (bytes, np.bytes_)):
     return bytes(value).decode("utf-8", errors="replace")
   return str(value)
+
+
+def split_captions(caption: str) -> list[str]:
+  """The non-empty captions of a `caption` field (one per line)."""
+  return [c.strip() for c in caption.split(CAPTION_SEPARATOR) if c.strip()]
 
 
 class FolderSource:

@@ -24,6 +24,8 @@ import grain
 import numpy as np
 import sentencepiece as spm
 
+from vimjax.data import sources
+
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, -1
 TRAIN_HINT = ("make one with `python -m vimjax.train_vocab --source=shapes "
               "--output=DIR/spm` (writes DIR/spm.model)")
@@ -157,7 +159,9 @@ class TokenizeCaptions(grain.transforms.Map):
       raise ValueError(f"TokenizeCaptions needs a 'caption' key; the example has "
                        f"{sorted(element)}. Use a captioned source.")
     out = dict(element)
-    ids, num_truncated = self.tokenizer.encode([out.pop("caption")])
+    # Several captions (an eval example of a multi-caption source): the first.
+    caption = _as_str(out.pop("caption")).split(sources.CAPTION_SEPARATOR)[0]
+    ids, num_truncated = self.tokenizer.encode([caption])
     out["text_ids"] = ids[0]
     out["text_truncated"] = np.int32(num_truncated)
     return out

@@ -64,14 +64,19 @@ def make_causal_mask(length: int) -> jnp.ndarray:
 
 def conv_shaped_causal_mask(height: int, width: int, kernel_h: int,
                             kernel_w: int) -> jnp.ndarray:
-  """Local 2D causal mask over raster-order image tokens (DALL-E / Parti).
+  """Local 2D causal mask over shifted-right image-token inputs (DALL-E / Parti).
 
-  Token i sits at (r_i, c_i) = divmod(i, width). Key j is visible from
-  query i iff j <= i in raster order, r_i - kernel_h < r_j <= r_i (the current
-  row and the kernel_h - 1 rows above), and c_i - kernel_w // 2 <= c_j <=
-  c_i + (kernel_w - 1) // 2 (a kernel_w-wide window centred on the query
-  column). So rows above see both left and right neighbours, the current row
-  only the left ones: a causal "convolution" footprint.
+  Query i predicts the token of grid cell i, (r_i, c_i) = divmod(i, width);
+  the input at key position j >= 1 holds the token of cell m = j - 1 (position 0
+  holds the start / condition embedding). The window is defined on the cells
+  whose tokens are seen, relative to the predicted cell: key j >= 1 is visible
+  iff m < i in raster order, r_i - kernel_h < r_m <= r_i (the current row and
+  the kernel_h - 1 rows above) and c_i - kernel_w // 2 <= c_m <= c_i +
+  (kernel_w - 1) // 2. So rows above see both left and right neighbours, the
+  current row only the left ones: a causal "convolution" footprint centred on
+  the predicted token. Key 0 (start) is visible to every query, so no row is
+  empty. (A window on input positions would centre it on the previous token:
+  shifted one column left.)
 
   Args:
     height, width: token grid, length = height * width.
@@ -83,12 +88,13 @@ def conv_shaped_causal_mask(height: int, width: int, kernel_h: int,
                   ("kernel_w", kernel_w)):
     if v < 1:
       raise ValueError(f"conv_shaped_causal_mask: {name}={v}; must be >= 1.")
-  idx = jnp.arange(height * width)
-  row, col = idx // width, idx % width
-  dr = row[:, None] - row[None, :]  # query row - key row, >= 0 above
-  dc = col[None, :] - col[:, None]  # key col - query col
-  mask = ((idx[None, :] <= idx[:, None]) & (dr < kernel_h)
-          & (dc >= -(kernel_w // 2)) & (dc <= (kernel_w - 1) // 2))
+  query = jnp.arange(height * width)  # The cell each query predicts.
+  cell = query - 1  # The cell whose token each key position holds (-1: start).
+  dr = query[:, None] // width - cell[None, :] // width  # >= 0 above
+  dc = cell[None, :] % width - query[:, None] % width
+  window = ((cell[None, :] < query[:, None]) & (dr < kernel_h)
+            & (dc >= -(kernel_w // 2)) & (dc <= (kernel_w - 1) // 2))
+  mask = window.at[:, 0].set(True)
   return mask[None, None]
 
 

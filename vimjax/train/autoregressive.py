@@ -91,7 +91,7 @@ def build_task(config, model, init_args: tuple, apply_fn: ApplyFn, *, conditiona
     data_transforms: per-example grain maps the task's batches need.
   """
   tx = optimizers.create_optimizer(config.optimizer, config.total_steps)
-  schedule = optimizers.create_schedule(config.optimizer, config.total_steps)
+  learning_rate = optimizers.learning_rate_fn(config.optimizer, config.total_steps)
   ema_decay = config.optimizer.ema_decay
   cfg_dropout = float(config.model.cfg_dropout)
   z_loss_weight = float(config.model.z_loss_weight)
@@ -131,7 +131,7 @@ def build_task(config, model, init_args: tuple, apply_fn: ApplyFn, *, conditiona
     if ema_decay > 0:
       ema_params = {"model": optimizers.update_ema(ema_params["model"], new_params, ema_decay)}
     metrics.update(grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(new_params),
-                   update_norm=optax.global_norm(updates), lr=schedule(state.step))
+                   update_norm=optax.global_norm(updates), lr=learning_rate(state.step))
     if drop is not None:
       metrics["cfg_drop_fraction"] = jnp.mean(drop.astype(jnp.float32))
     new_state = state.replace(step=state.step + 1, params={"model": new_params},

@@ -177,7 +177,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   peak = flops.peak_flops_per_device(config.peak_flops_per_device, config.model.dtype)
   # Model FLOPs of the unrolled, un-remat'ed step: XLA's count of the compiled
   # step sees a scanned stack once (see flops.py), so MFU uses this instead.
-  model_flops = flops.model_flops_per_step(config)
+  # Per phase: the tokenizer's GAN branch only runs from adversarial_start_step.
+  flops_phases = flops.model_flops_by_phase(config)
+  model_flops = flops_phases[-1][1]
   step_flops = model_flops / jax.device_count()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     task = tasks.build(config, mesh)
@@ -231,7 +233,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         scalars.update(
             steps_per_sec=steps_per_sec,
             examples_per_sec=steps_per_sec * config.global_batch_size,
-            mfu=step_flops * steps_per_sec / peak if peak else 0.0,
+            mfu=(flops.flops_between(flops_phases, last_log_step, step) / jax.device_count()
+                 / elapsed / peak if peak else 0.0),
             skipped_examples=total_skipped)
         writer.write_scalars(step, scalars)
         logging.info("step %d/%d loss %.4f | %.2f steps/s %.1f ex/s MFU %.2f%%", step,

@@ -3,10 +3,14 @@
 State: params/opt_state/ema_params keyed "generator" and "discriminator";
 extra = {"usage_ema": [codebook] float32, "lecam_real": [], "lecam_fake": []}.
 Decoder fine-tuning (`config.finetune_decoder_from`): the encoder and codebook
-of a trained tokenizer are loaded and frozen, only the decoder trains.
+of a trained tokenizer (the weights its `encode` uses: EMA or raw) and its
+codebook-usage EMA are loaded and frozen, only the decoder trains; dead-code
+restarts and usage updates are off, so the run encodes every image to the same
+ids as the tokenizer it started from.
+The discriminator's optimizer starts at loss.adversarial_start_step and reads
+its schedule at the global step.
 """
 import functools
-import os
 
 from absl import logging
 import flax.linen as nn
@@ -16,6 +20,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from vimjax import checkpoint
 from vimjax import losses
 from vimjax import parallel
 from vimjax.evaluation import codebook as codebook_metrics
@@ -59,17 +64,42 @@ def num_codes(config) -> int:
   return m.codebook_size if m.quantizer == "factorized" else int(np.prod(m.fsq_levels))
 
 
-def load_generator_params(workdir: str) -> dict:
-  """Generator params (host numpy) of the latest checkpoint in a tokenizer workdir."""
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"))
+def load_pretrained(workdir: str) -> tuple[dict, np.ndarray]:
+  """(generator params, codebook usage EMA) of a tokenizer workdir's latest checkpoint.
+
+  The params are the ones `python -m vimjax.encode` encodes with: the EMA when
+  that run had optimizer.ema_decay > 0, else the raw params. Host numpy.
+  """
+  source = checkpoint.load_workdir_config(workdir, "--config.finetune_decoder_from")
+  group = "ema_params" if source.optimizer.ema_decay > 0 else "params"
+  manager = ocp.CheckpointManager(checkpoint.checkpoints_dir(workdir))
   step = manager.latest_step()
   if step is None:
     raise ValueError(f"finetune_decoder_from={workdir!r} has no checkpoint under "
                      f"{workdir}/checkpoints.")
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   manager.close()
-  logging.info("Loaded tokenizer generator params from %s step %d.", workdir, step)
-  return jax.tree.map(np.asarray, restored.state["params"]["generator"])
+  logging.info("Loaded the tokenizer's %s (generator) from %s step %d.", group, workdir, step)
+  state = restored.state
+  return (jax.tree.map(np.asarray, state[group]["generator"]),
+          np.asarray(state["extra"]["usage_ema"]))
+
+
+def _check_pretrained_shapes(config, abstract: dict, pretrained: dict):
+  """Raises if the pretrained encoder / codebook do not fit this config's model."""
+  for name in FROZEN_WHEN_FINETUNING:
+    if name not in abstract:
+      continue
+    want = {jax.tree_util.keystr(k): v.shape for k, v in
+            jax.tree_util.tree_flatten_with_path(parallel.unbox(abstract[name]))[0]}
+    have = {jax.tree_util.keystr(k): np.shape(v) for k, v in
+            jax.tree_util.tree_flatten_with_path(pretrained.get(name, {}))[0]}
+    if want != have:
+      diff = sorted(set(want.items()) ^ set(have.items()))[:2]
+      raise ValueError(
+          f"finetune_decoder_from={config.finetune_decoder_from!r}: its {name} params differ "
+          f"from this config's ({diff}); model.encoder, patch_size, quantizer, codebook_size "
+          "and lookup_dim must match the pretrained tokenizer.")
 
 
 def build(config, mesh) -> loop.Task:
@@ -85,18 +115,26 @@ def build(config, mesh) -> loop.Task:
   if lpips is not None:
     frozen = perceptual.load_lpips_params(lw.perceptual_weights)
 
-  pretrained = None
+  pretrained, pretrained_usage = None, None
+  finetuning = bool(config.finetune_decoder_from)
   g_tx = optimizers.create_optimizer(config.optimizer, config.total_steps)
-  if config.finetune_decoder_from:
-    pretrained = load_generator_params(config.finetune_decoder_from)
+  size = config.data.image_size
+  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+  if finetuning:
+    pretrained, pretrained_usage = load_pretrained(config.finetune_decoder_from)
+    _check_pretrained_shapes(config, jax.eval_shape(
+        lambda: model.init({"params": jax.random.key(0)}, dummy, train=False)["params"]),
+                             pretrained)
     labels = lambda p: {k: jax.tree.map(  # pylint: disable=g-long-lambda
         lambda _: "frozen" if k in FROZEN_WHEN_FINETUNING else "train", v) for k, v in p.items()}
     g_tx = optax.multi_transform({"train": g_tx, "frozen": optax.set_to_zero()}, labels)
-  d_tx = optimizers.create_optimizer(config.disc_optimizer, config.total_steps)
-  g_schedule = optimizers.create_schedule(config.optimizer, config.total_steps)
+  # The discriminator updates from adversarial_start_step on; its schedule is
+  # read at the global step (no second warm-up, and it reaches end_lr).
+  d_tx = optimizers.create_optimizer(config.disc_optimizer, config.total_steps,
+                                     start_step=lw.adversarial_start_step)
+  g_lr = optimizers.learning_rate_fn(config.optimizer, config.total_steps)
+  d_lr = optimizers.learning_rate_fn(config.disc_optimizer, config.total_steps)
   ema_decay = config.optimizer.ema_decay
-  size = config.data.image_size
-  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
 
   def init(rng):
     g_rng, d_rng = jax.random.split(rng)
@@ -115,7 +153,8 @@ def build(config, mesh) -> loop.Task:
         opt_state={"generator": optimizers.init_state(g_tx, g_params),
                    "discriminator": optimizers.init_state(d_tx, d_params)},
         ema_params={"generator": g_params} if ema_decay > 0 else {},
-        extra={"usage_ema": jnp.zeros((num_codes(config),), jnp.float32),
+        extra={"usage_ema": (jnp.asarray(pretrained_usage, jnp.float32) if finetuning
+                             else jnp.zeros((num_codes(config),), jnp.float32)),
                "lecam_real": jnp.zeros((), jnp.float32),
                "lecam_fake": jnp.zeros((), jnp.float32)})
 
@@ -153,11 +192,14 @@ def build(config, mesh) -> loop.Task:
     if lw.r1_gamma > 0:
       terms["r1"] = losses.r1_penalty(apply, images)
       total += 0.5 * lw.r1_gamma * terms["r1"]
+    lecam_ema = (extra["lecam_real"], extra["lecam_fake"])
     if lw.lecam_weight > 0:
-      terms["lecam"] = losses.lecam_regularizer(
-          real_logits, fake_logits, extra["lecam_real"], extra["lecam_fake"])
+      # The EMAs updated with this step's logits, as the LeCam authors' code does.
+      lecam_ema = losses.update_lecam_ema(*lecam_ema, real_logits, fake_logits,
+                                          lw.lecam_ema_decay)
+      terms["lecam"] = losses.lecam_regularizer(real_logits, fake_logits, *lecam_ema)
       total += lw.lecam_weight * terms["lecam"]
-    return total, (terms, real_logits, fake_logits)
+    return total, (terms, lecam_ema)
 
   def step(state, batch, rng, lpips_params, adversarial: bool):
     """One G (+ D when `adversarial`) update; `adversarial` is static."""
@@ -170,9 +212,10 @@ def build(config, mesh) -> loop.Task:
     new_g = optax.apply_updates(g_params, g_updates)
 
     extra = dict(state.extra)
-    extra["usage_ema"] = quantizers.update_usage_ema(
-        extra["usage_ema"], aux["code_counts"], lw.usage_ema_decay)
-    if lw.restart_dead_codes and config.model.quantizer == "factorized":
+    if not finetuning:  # Fine-tuning: the codebook and its statistics are frozen.
+      extra["usage_ema"] = quantizers.update_usage_ema(
+          extra["usage_ema"], aux["code_counts"], lw.usage_ema_decay)
+    if lw.restart_dead_codes and config.model.quantizer == "factorized" and not finetuning:
       codebook, extra["usage_ema"] = quantizers.restart_dead_codes(
           new_g["quantizer"]["codebook"], extra["usage_ema"],
           aux["latents"].reshape(-1, aux["latents"].shape[-1]), code_rng,
@@ -182,35 +225,36 @@ def build(config, mesh) -> loop.Task:
     params = {**state.params, "generator": new_g}
     opt_state = {**state.opt_state, "generator": g_opt}
     if adversarial:
-      (_, (d_terms, real_logits, fake_logits)), d_grads = jax.value_and_grad(
+      (_, (d_terms, lecam_ema)), d_grads = jax.value_and_grad(
           discriminator_loss, has_aux=True)(d_params, images, recon, state.extra)
       d_updates, opt_state["discriminator"] = d_tx.update(
           d_grads, state.opt_state["discriminator"], d_params)
       params["discriminator"] = optax.apply_updates(d_params, d_updates)
-      if lw.lecam_weight > 0:
-        extra["lecam_real"], extra["lecam_fake"] = losses.update_lecam_ema(
-            extra["lecam_real"], extra["lecam_fake"], real_logits, fake_logits,
-            lw.lecam_ema_decay)
-      metrics.update(d_terms, d_grad_norm=optax.global_norm(d_grads))
+      extra["lecam_real"], extra["lecam_fake"] = lecam_ema
+      metrics.update(d_terms, d_grad_norm=optax.global_norm(d_grads), d_lr=d_lr(state.step))
     elif use_adv:  # Same metric keys in both branches of the cond; 0 before the start.
       metrics.update({k: jnp.zeros((), jnp.float32) for k in adversarial_metric_keys})
 
     ema_params = state.ema_params
     if ema_decay > 0:
-      ema_params = {"generator": optimizers.update_ema(
-          ema_params["generator"], params["generator"], ema_decay)}
+      ema_g = optimizers.update_ema(ema_params["generator"], params["generator"], ema_decay)
+      if finetuning:  # Bit-exact frozen weights (an EMA of a constant may move by an ulp).
+        ema_g = {**ema_g, **{k: params["generator"][k] for k in FROZEN_WHEN_FINETUNING
+                             if k in ema_g}}
+      ema_params = {"generator": ema_g}
     counts = aux["code_counts"]
     probs = counts / jnp.maximum(counts.sum(), 1.0)
     metrics.update(
         g_grad_norm=optax.global_norm(g_grads), g_param_norm=optax.global_norm(new_g),
-        g_update_norm=optax.global_norm(g_updates), lr=g_schedule(state.step),
+        g_update_norm=optax.global_norm(g_updates), lr=g_lr(state.step),
         batch_codebook_usage=jnp.mean(counts > 0),
         batch_perplexity=jnp.exp(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-12)))))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema_params, extra=extra)
     return new_state, metrics
 
-  adversarial_metric_keys = ["g_adversarial", "d_loss", "d_real", "d_fake", "d_grad_norm"]
+  adversarial_metric_keys = ["g_adversarial", "d_loss", "d_real", "d_fake", "d_grad_norm",
+                             "d_lr"]
   adversarial_metric_keys += ["r1"] * (lw.r1_gamma > 0) + ["lecam"] * (lw.lecam_weight > 0)
 
   def train_step(state, batch, rng, lpips_params):

@@ -1,0 +1,95 @@
+"""The tokenizer's train step (real task build) at the GAN start: D schedule, LeCam, MFU phases."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vimjax import flops
+from vimjax import parallel
+from vimjax.train import loop
+from vimjax.train import tasks
+from vimjax.train import tokenizer
+
+import test_train_tokenizer
+
+START, WARMUP, LR = 2, 4, 1e-3
+
+
+def _config():
+  return test_train_tokenizer.micro_config(
+      total_steps=8, **{"loss.adversarial_start_step": START, "loss.lecam_weight": 0.1,
+                        "loss.lecam_ema_decay": 0.5, "loss.r1_gamma": 0.0,
+                        "disc_optimizer.warmup_steps": WARMUP, "disc_optimizer.lr": LR,
+                        "disc_optimizer.weight_decay": 0.0})
+
+
+@pytest.fixture(scope="module")
+def run():
+  """States before each step and the step metrics, for state.step 0..3."""
+  config = _config()
+  mesh = parallel.create_mesh(config.mesh)
+  rules = parallel.rules_from_config(config.mesh)
+  images = jax.random.uniform(jax.random.key(3), (8, 16, 16, 3))
+  batch = {"image": images, "label": jnp.zeros((8,), jnp.int32), "mask": jnp.ones((8,), jnp.int32)}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    task = tasks.build(config, mesh)
+    state, _ = loop.create_sharded_state(task, mesh, rules, jax.random.key(0))
+    step = jax.jit(task.train_step)
+    states, metrics = [], []
+    for i in range(START + 2):
+      states.append(jax.tree.map(np.asarray, jax.device_get(state)))
+      state, m = step(state, batch, jax.random.key(i), task.frozen)
+      metrics.append({k: float(v) for k, v in m.items()})
+    states.append(jax.tree.map(np.asarray, jax.device_get(state)))
+  return config, np.asarray(images), states, metrics
+
+
+def test_discriminator_schedule_is_aligned_with_the_global_step(run):
+  _, _, states, metrics = run
+  d = [s.params["discriminator"] for s in states]
+  for i in range(START):  # No D update before the GAN phase.
+    jax.tree.map(np.testing.assert_array_equal, d[i + 1], d[i])
+  # The first D update (global step START) uses the global schedule's rate,
+  # LR * START / WARMUP, not a fresh warm-up's 0: Adam's first step moves each
+  # weight by lr * g / (|g| + eps), i.e. by lr where the gradient is not tiny.
+  delta = np.concatenate([np.abs(a - b).ravel() for a, b in zip(
+      jax.tree.leaves(d[START + 1]), jax.tree.leaves(d[START]))])
+  expected = LR * START / WARMUP
+  np.testing.assert_allclose(np.percentile(delta, 90), expected, rtol=1e-3)
+  assert delta.max() <= expected * (1 + 1e-4)  # float32 rounding of w + update.
+  for i in (START, START + 1):
+    np.testing.assert_allclose(metrics[i]["d_lr"], LR * i / WARMUP, rtol=1e-6)
+  assert metrics[0]["d_lr"] == 0.0
+
+
+def test_lecam_uses_this_steps_updated_emas(run):
+  config, images, states, metrics = run
+  before = states[START]
+  model, disc = tokenizer.build_model(config), tokenizer.build_discriminator(config)
+  g, d = parallel.unbox(before.params["generator"]), before.params["discriminator"]
+  recon = model.apply({"params": g}, images, train=True,
+                      rngs={"dropout": jax.random.key(0)})[0]["image"]
+  real = np.asarray(disc.apply({"params": d}, images), np.float64)
+  fake = np.asarray(disc.apply({"params": d}, recon), np.float64)
+  decay = config.loss.lecam_ema_decay
+  ema_real = decay * before.extra["lecam_real"] + (1 - decay) * real.mean()
+  ema_fake = decay * before.extra["lecam_fake"] + (1 - decay) * fake.mean()
+  expected = (np.mean(np.maximum(real - ema_fake, 0) ** 2)
+              + np.mean(np.maximum(ema_real - fake, 0) ** 2))
+  np.testing.assert_allclose(metrics[START]["lecam"], expected, rtol=1e-4)
+  np.testing.assert_allclose(states[START + 1].extra["lecam_real"], ema_real, rtol=1e-5)
+  np.testing.assert_allclose(states[START + 1].extra["lecam_fake"], ema_fake, rtol=1e-5)
+
+
+def test_mfu_counts_the_gan_flops_only_in_the_gan_phase():
+  config = _config()
+  phases = flops.model_flops_by_phase(config)
+  (s0, before), (s1, during) = phases
+  assert (s0, s1) == (0, START) and 0 < before < during
+  no_gan = test_train_tokenizer.micro_config(**{"loss.adversarial_weight": 0.0})
+  assert before == flops.model_flops_per_step(no_gan)
+  assert during == flops.model_flops_per_step(config)
+  # A logging window straddling the start: steps 0..3 = 2 without, 2 with the GAN.
+  assert flops.flops_between(phases, 0, 4) == 2 * before + 2 * during
+  assert flops.flops_between(phases, 3, 5) == 2 * during
