@@ -12,6 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vimjax import checkpoint
+from vimjax import errors
 from vimjax import runtime
 from vimjax.train import loop
 
@@ -37,4 +38,4 @@ if __name__ == "__main__":
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   config_flags.DEFINE_config_dict("config", saved)
-  app.run(main)
+  errors.run(main)

@@ -43,6 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vimjax import checkpoint
+from vimjax import errors
 from vimjax import parallel
 from vimjax import runtime
 from vimjax import sampling
@@ -370,4 +371,4 @@ if __name__ == "__main__":
     raise SystemExit(f"error: {e}") from None
   _define_flags()
   config_flags.DEFINE_config_dict("config", _saved)
-  app.run(main)
+  errors.run(main)

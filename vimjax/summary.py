@@ -11,6 +11,7 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from vimjax import errors
 from vimjax import runtime
 from vimjax.train import tasks
 
@@ -40,4 +41,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  errors.run(main)
