@@ -89,6 +89,8 @@ class Checkpointer:
                 [policy.LatestN(n=int(keep)), KeepNewestHealthy()]),
             # A best_fn makes orbax write the metrics the policy reads.
             best_fn=lambda metrics: float(metrics.get("healthy", 1.0)),
+            # A save killed mid-write leaves STEP.orbax-checkpoint-tmp-*: clear it on start.
+            cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=async_save, create=not read_only,
             read_only=read_only))
 

@@ -29,6 +29,12 @@ POSITIVE_FLOATS = frozenset(("lr", "entropy_temperature"))
 PROBABILITIES = frozenset(("dropout_rate", "cfg_dropout"))
 # Exponential decays and Adam betas: [0, 1).
 DECAYS = frozenset(("b1", "b2", "ema_decay", "usage_ema_decay", "lecam_ema_decay"))
+# Names checked against a closed set wherever they appear (by section.leaf).
+ENUMS = {
+    "optimizer.name": ("adam", "adamw", "adafactor"),
+    "optimizer.schedule": ("constant", "cosine", "exponential"),
+    "model.output": ("logit_laplace", "rgb"),
+}
 BOOLS = frozenset(("scan_layers", "restart_dead_codes", "use_cache", "skip_nonfinite_updates"))
 
 
@@ -81,3 +87,7 @@ def check_values(config, prefix: str = "") -> None:
           raise ValueError(f"{key}.emb_dim={dim} is not divisible by {key}.num_heads={heads}.")
     elif name != "mesh":
       _check_leaf(key, name, value)
+      section = prefix.rstrip(".").split(".")[-1].replace("disc_", "")
+      valid = ENUMS.get(f"{section}.{name}")
+      if valid is not None and value not in valid:
+        raise ValueError(f"{key}={value!r}; valid: {valid}.")
