@@ -245,6 +245,8 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
           sigterm, lock, peak, step_flops) -> dict:
   """Steps from the restored state to total_steps (or a SIGTERM); returns the result."""
   start = int(jax.device_get(state.step))
+  if sigterm is not None and sigterm.received:  # During start-up: stop before compiling.
+    return {"step": start, "preempted": True}
   step_fn = jit_train_step(task, state_sh, mesh)
   eval_fn = jit_eval_step(task, state_sh, mesh)
   batch, skipped = _device_batch(next(train_iter), mesh)
@@ -254,7 +256,7 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
   logging.info("Compiled train step: model %.3g FLOPs/device/step (compiled program: %.3g); "
                "memory %s.", step_flops, compiled_flops, memory)
 
-  preempted = sigterm is not None and sigterm.received  # SIGTERM during start-up.
+  preempted = False
   result = {}
   metric_names = jax.eval_shape(step_fn, state, batch, step_rng, task.frozen)[1]
   empty_metrics, accumulate = metrics_accumulator(metric_names)
@@ -281,8 +283,6 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
     return count
 
   for step in range(start + 1, config.total_steps + 1):
-    if preempted:
-      break
     if step > start + 1:
       batch, skipped = _device_batch(next(train_iter), mesh)
       total_skipped += skipped
@@ -330,6 +330,8 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
       ckpt.save(step, state, train_iter, config,
                 metrics={"healthy": float(healthy),
                          **({"loss": window_loss} if window_loss is not None else {})})
+    if preempted:
+      break
   result.update(step=int(jax.device_get(state.step)), compiled_flops_per_device=compiled_flops,
                 preempted=preempted)
   return result
