@@ -17,6 +17,7 @@ the lowest window-mean loss seen so far is marked unhealthy (a warning names
 both numbers); retention always keeps the newest healthy checkpoint.
 """
 import dataclasses
+import math
 
 from absl import logging
 import jax
@@ -77,7 +78,7 @@ class LossWatch:
   def healthy(self, loss: float | None, step: int) -> bool:
     if loss is None:
       return True
-    if not jnp.isfinite(loss):
+    if not math.isfinite(loss):
       return False
     if self.max_ratio > 0 and 0 < self.best and loss > self.max_ratio * self.best:
       logging.warning("step %d: loss %.4g is %.1fx the best %.4g (max_loss_ratio=%g): diverging? "

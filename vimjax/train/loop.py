@@ -309,6 +309,18 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
       result.update(scalars)
       train_metrics, last_log, last_log_step = empty_metrics, time.perf_counter(), step
 
+    # Save before eval: an eval failure must not cost the step's checkpoint.
+    preempted = sigterm.received if sigterm is not None else ckpt.reached_preemption(step)
+    if ckpt.should_save(step) or step == config.total_steps or preempted:
+      check_health(step)  # Never save a non-finite state.
+      if step != last_log_step:  # Mid-window: this window's mean loss so far.
+        window_loss = float(train_metrics.compute().get("loss", float("nan")))
+      lock.check()  # Another run took the workdir over: do not overwrite its checkpoints.
+      healthy = loss_watch.healthy(window_loss, step)
+      ckpt.save(step, state, train_iter, config,
+                metrics={"healthy": float(healthy),
+                         **({"loss": window_loss} if window_loss is not None else {})})
+
     if step % config.eval_every_steps == 0 or step == config.total_steps:
       eval_metrics, images = evaluate(task, eval_fn, state, config, mesh)
       writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
@@ -320,16 +332,6 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
       result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
       last_log = time.perf_counter()  # Do not count eval time as training time.
 
-    preempted = sigterm.received if sigterm is not None else ckpt.reached_preemption(step)
-    if ckpt.should_save(step) or step == config.total_steps or preempted:
-      check_health(step)  # Never save a non-finite state.
-      if step != last_log_step:  # Mid-window: this window's mean loss so far.
-        window_loss = float(train_metrics.compute().get("loss", float("nan")))
-      lock.check()  # Another run took the workdir over: do not overwrite its checkpoints.
-      healthy = loss_watch.healthy(window_loss, step)
-      ckpt.save(step, state, train_iter, config,
-                metrics={"healthy": float(healthy),
-                         **({"loss": window_loss} if window_loss is not None else {})})
     if preempted:
       break
   result.update(step=int(jax.device_get(state.step)), compiled_flops_per_device=compiled_flops,
