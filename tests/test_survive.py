@@ -12,7 +12,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from PIL import ImageFont
 import pytest
@@ -295,16 +294,25 @@ def test_error_in_the_loop_then_broken_checkpoint_then_finished_rerun(tmp_path, 
   monkeypatch.undo()
 
   os.mkdir(os.path.join(workdir, "checkpoints", "3"))  # A broken (empty) newest checkpoint.
-  first = loop.train_and_evaluate(fast_config(), workdir)
+  # max_loss_ratio=0.5 marks every save after the first of a process unhealthy: with
+  # keep_checkpoints=1, retention must still keep the newest healthy one (3) next to 4.
+  config = fast_config(checkpoint_every_steps=1, keep_checkpoints=1, max_loss_ratio=0.5)
+  first = loop.train_and_evaluate(config, workdir)
   assert first["step"] == 4 and np.isfinite(first["loss"])
   assert os.listdir(os.path.join(workdir, "checkpoints_broken"))[0].startswith("3-")
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "4"]
+  reader = checkpoint.Checkpointer(workdir, every_steps=1, keep=1, read_only=True)
+  assert reader.manager.metrics(3)["healthy"] == 1.0
+  assert reader.manager.metrics(4)["healthy"] == 0.0
+  assert reader.last_good().endswith("checkpoints/3")
+  reader.close()
   saved = (tmp_path / "run" / "train_result.json").read_text()
 
   def no_compile(*args, **kwargs):
     raise AssertionError("a finished run must not compile again")
 
   monkeypatch.setattr(loop, "jit_train_step", no_compile)
-  again = loop.train_and_evaluate(fast_config(), workdir)
+  again = loop.train_and_evaluate(config, workdir)
   assert again["already_finished"] and again["loss"] == first["loss"]
   assert (tmp_path / "run" / "train_result.json").read_text() == saved
 
