@@ -14,6 +14,7 @@ plus the newest one saved with `healthy` metrics (see train/guard.py).
 import dataclasses
 import json
 import os
+import socket
 import time
 from typing import Any, Sequence
 
@@ -40,7 +41,8 @@ def checkpoints_dir(workdir: str) -> str:
 def check_writable(directory: str) -> None:
   """Creates `directory` and writes/deletes a probe file; one-line CheckpointError if not."""
   path = epath.Path(directory)
-  probe = path / f".write_probe.{os.getpid()}"
+  # Unique per process: a pod's processes probe the same shared folder at once.
+  probe = path / f".write_probe.{socket.gethostname()}.{os.getpid()}.{jax.process_index()}"
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe.write_text("ok")

@@ -1,8 +1,11 @@
 """The generic training loop: any task's pure step, sharded, checkpointed, logged.
 
-Restore order: the latest checkpoint in `workdir` (same or different mesh),
-else a fresh initialisation. A task (see `Task`) supplies pure functions; this
-module owns jit, shardings, data, checkpoints, metrics and MFU.
+Restore order: the newest intact checkpoint in `workdir` (same or different
+mesh; broken ones are moved aside), else a fresh initialisation. A task (see
+`Task`) supplies pure functions; this module owns jit, shardings, data,
+checkpoints, metrics and MFU. Start-up checks (config, data source, workdir
+lock, writable checkpoints) come before anything is written or compiled; the
+divergence guard is train/guard.py (README "Failure modes").
 """
 import dataclasses
 import json
