@@ -24,7 +24,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 TRIALS = 3
-SEED = 20261201
+SEED = 10
 ARGS = ["--config=tests/survive_configs.py", f"--config.total_steps={STEPS}",
         "--config.checkpoint_every_steps=1", "--config.log_every_steps=3",
         "--config.keep_checkpoints=2"]
@@ -61,12 +61,20 @@ def _moment_reached(ckpt_dir, step, during_save) -> bool:
       during_save and any(n.startswith(f"{step}.") and "tmp" in n for n in names))
 
 
+def _latest(ckpt_dir) -> int:
+  try:
+    return max([int(n) for n in os.listdir(ckpt_dir) if n.isdigit()], default=0)
+  except FileNotFoundError:
+    return 0
+
+
 def _kill_at(workdir, env, rng) -> str:
-  """Starts training and SIGKILLs it at a drawn moment; returns what happened."""
-  step, during_save = rng.randint(1, STEPS - 1), rng.random() < 0.5
+  """Starts training and SIGKILLs it at a drawn moment after its resume point."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  step = rng.randint(min(_latest(ckpt_dir) + 1, STEPS - 1), STEPS - 1)
+  during_save = rng.random() < 0.5
   delay = 0.0 if during_save else rng.uniform(0.0, 0.5)
   proc = _start(workdir, env)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
   deadline = time.time() + 300
   while proc.poll() is None and time.time() < deadline:
     if _moment_reached(ckpt_dir, step, during_save):
