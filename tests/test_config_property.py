@@ -147,7 +147,7 @@ def test_the_unmodified_configs_pass():
     assert (code, stderr) == (0, ""), stderr
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(invalid_overrides())
 def test_every_invalid_override_is_one_line_and_exit_1(case):
   family, overrides, names = case
