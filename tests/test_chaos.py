@@ -6,7 +6,7 @@ delay after a chosen checkpoint committed), possibly twice, then reruns the
 same command to the end. The final train state and data-iterator state must
 equal those of one uninterrupted run, bit for bit. A persistent compilation
 cache keeps every process after the first from recompiling, so the whole test
-is a few process start-ups (about 1-2 minutes on 2 cores).
+is a few process start-ups (106-240 s measured on 2 cores shared with other jobs).
 """
 import json
 import os
