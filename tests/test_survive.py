@@ -271,22 +271,41 @@ def test_a_failing_save_is_one_line_naming_path_and_cause(tmp_path, monkeypatch)
   ckpt.close()
 
 
-# 6. The in-flight save on an error path; 2. a broken checkpoint in train; 8. finished reruns.
+def _scalars(workdir, step):
+  """{tag: value} written to TensorBoard at `step`."""
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name in os.listdir(os.path.join(workdir, "tb")):
+    for event in event_file_loader.EventFileLoader(os.path.join(workdir, "tb", name)).Load():
+      if event.step == step:
+        for value in event.summary.value:
+          out[value.tag] = float(tensor_util.make_ndarray(value.tensor))
+  return out
+
+
+# 6. The in-flight save on an error path; 1. skipped NaN updates counted; 2. a broken
+# checkpoint in train; 8. finished reruns.
 
 def test_error_in_the_loop_then_broken_checkpoint_then_finished_rerun(tmp_path, monkeypatch):
   workdir = str(tmp_path / "run")
   calls = {"n": 0}
   real = loop._device_batch  # pylint: disable=protected-access
 
-  def batch_then_fail(host_batch, mesh):
+  def nan_then_fail(host_batch, mesh):
     calls["n"] += 1
+    if calls["n"] == 1:  # Step 1: a NaN batch, skipped with skip_nonfinite_updates.
+      host_batch = {**host_batch, "image": np.full_like(host_batch["image"], np.nan)}
     if calls["n"] == 3:  # Step 3, right after step 2's async save started.
       raise ValueError("bad batch")
     return real(host_batch, mesh)
 
-  monkeypatch.setattr(loop, "_device_batch", batch_then_fail)
+  monkeypatch.setattr(loop, "_device_batch", nan_then_fail)
   with pytest.raises(ValueError, match="bad batch"):
-    loop.train_and_evaluate(fast_config(), workdir)
+    loop.train_and_evaluate(fast_config(skip_nonfinite_updates=True), workdir)
+  logged = _scalars(workdir, step=2)
+  assert logged["skipped_nonfinite_updates"] == 1 and np.isfinite(logged["loss"])
+  assert _saved_params_finite(workdir, 2)
   names = os.listdir(os.path.join(workdir, "checkpoints"))
   assert names == ["2"], names  # Committed, no N.orbax-checkpoint-tmp left.
   assert os.path.exists(os.path.join(workdir, "checkpoints", "2", "commit_success.txt"))

@@ -265,12 +265,12 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
   empty_metrics, accumulate = metrics_accumulator(metric_names)
   train_metrics, last_log, last_log_step = empty_metrics, time.perf_counter(), start
   total_skipped = skipped
-  health, nonfinite_seen = guard.empty_health(), 0
+  # Non-finite steps so far (`health`, on device) and at the last log (host).
+  health, logged_nonfinite = guard.empty_health(), 0
   loss_watch, window_loss = guard.LossWatch(config.max_loss_ratio), None
 
   def check_health(step):
     """Reads the device-side guard (a sync: only at log and save steps)."""
-    nonlocal nonfinite_seen
     first, count = guard.read(health)
     if first and not config.skip_nonfinite_updates:
       raise errors.DivergedError(
@@ -278,11 +278,10 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
           f"Last good checkpoint: {ckpt.last_good()}. Lower optimizer.lr or set "
           "--config.skip_nonfinite_updates=True, then rerun the same command.")
     window = step - last_log_step
-    if window > 1 and count - nonfinite_seen >= window:
+    if window > 1 and count - logged_nonfinite >= window:
       raise errors.DivergedError(
           f"every update of steps {last_log_step + 1}..{step} was non-finite (skipped); "
           f"last good checkpoint: {ckpt.last_good()}. Lower optimizer.lr, then rerun.")
-    nonfinite_seen = count
     return count
 
   for step in range(start + 1, config.total_steps + 1):
@@ -297,7 +296,9 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
       nonfinite_count = check_health(step)
       scalars = {k: float(v) for k, v in train_metrics.compute().items()}
       scalars.pop(guard.NONFINITE, None)
-      window_loss = scalars.get("loss")
+      # A window with skipped (zeroed) steps says nothing about divergence.
+      window_loss = scalars.get("loss") if nonfinite_count == logged_nonfinite else None
+      logged_nonfinite = nonfinite_count
       elapsed = time.perf_counter() - last_log
       steps_per_sec = (step - last_log_step) / elapsed
       scalars.update(
@@ -315,9 +316,10 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
     # Save before eval: an eval failure must not cost the step's checkpoint.
     preempted = sigterm.received if sigterm is not None else ckpt.reached_preemption(step)
     if ckpt.should_save(step) or step == config.total_steps or preempted:
-      check_health(step)  # Never save a non-finite state.
+      nonfinite_count = check_health(step)  # Never save a non-finite state.
       if step != last_log_step:  # Mid-window: this window's mean loss so far.
-        window_loss = float(train_metrics.compute().get("loss", float("nan")))
+        window_loss = (float(train_metrics.compute().get("loss", float("nan")))
+                       if nonfinite_count == logged_nonfinite else None)
       lock.check()  # Another run took the workdir over: do not overwrite its checkpoints.
       healthy = loss_watch.healthy(window_loss, step)
       ckpt.save(step, state, train_iter, config,
