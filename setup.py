@@ -28,7 +28,7 @@ setuptools.setup(
     ],
     extras_require={
         # libtpu (via jax[tpu]) lets tests compile for TPU topologies on CPU (aot_compile).
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "jax[tpu]>=0.7,<0.13"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "hypothesis>=6.100,<7", "jax[tpu]>=0.7,<0.13"],
         "tpu": ["jax[tpu]>=0.7,<0.13"],
         "gpu": ["jax[cuda12]>=0.7,<0.13"],
     },

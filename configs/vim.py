@@ -46,6 +46,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 300 if tiny else 5_000
   c.eval_every_steps = 300 if tiny else 10_000
   c.keep_checkpoints = 3
+  # Divergence guard (README "Failure modes"): False stops at a NaN/inf loss or
+  # gradient norm, True drops that update and counts it; a checkpoint whose loss
+  # is over max_loss_ratio x the best so far is marked unhealthy (0 = off).
+  c.skip_nonfinite_updates = False
+  c.max_loss_ratio = 10.0
   c.num_eval_images = 64 if tiny else 50_000  # Eval examples (token sequences / samples).
   # FID / IS of 50k class-balanced samples against ImageNet reference statistics.
   c.eval = config_lib.eval_config(num_images=64 if tiny else 50_000)

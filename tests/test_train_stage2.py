@@ -220,7 +220,7 @@ def test_stage2_config_validation(data, tmp_path):
   small = data["vocab_size"] - 1
   with pytest.raises(ValueError, match=f"more than model.text_vocab_size={small}"):
     config_lib.validate(_config("parti", data, **{"model.text_vocab_size": small}), 8)
-  with pytest.raises(ValueError, match=r"cfg_dropout=2.0 must be in \[0, 1\]"):
+  with pytest.raises(ValueError, match=r"cfg_dropout=2.0; valid: a number in \[0, 1\]"):
     config_lib.validate(_config("vim", data, **{"model.cfg_dropout": 2.0}), 8)
   tokens = tmp_path / "tokens"
   tokens.mkdir()

@@ -110,8 +110,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
 
     @property
     def received(self):
-      SigtermAtStep3.calls += 1
-      return SigtermAtStep3.calls >= 3
+      SigtermAtStep3.calls += 1  # Read once before the loop, then after every step.
+      return SigtermAtStep3.calls >= 4
 
     @received.setter
     def received(self, value):

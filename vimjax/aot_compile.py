@@ -66,6 +66,7 @@ from ml_collections import config_flags
 
 from vimjax import benchmark
 from vimjax import config_lib
+from vimjax import errors
 from vimjax import flops
 from vimjax import parallel
 from vimjax import roofline
@@ -483,4 +484,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  errors.run(main)

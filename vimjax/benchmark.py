@@ -44,6 +44,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from vimjax import config_lib
+from vimjax import errors
 from vimjax import flops
 from vimjax import parallel
 from vimjax import runtime
@@ -312,4 +313,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  errors.run(main)

@@ -1,19 +1,32 @@
 """orbax checkpoints: async saves of the train state, the grain iterator and the config.
 
-A restarted job resumes from the latest step on its own: `restore_or_none`
-returns None for an empty workdir. Restoring takes an abstract state carrying
-the *current* shardings, so a checkpoint saved on one mesh loads on another.
+A restarted job resumes from the latest step on its own (`restore_latest`;
+None for an empty workdir). Restoring takes an abstract state carrying the
+*current* shardings, so a checkpoint saved on one mesh loads on another.
+
+Failure handling (README "Failure modes"): the directory is checked writable
+before anything runs; a save that fails raises CheckpointError naming the path
+and the cause; a broken newest checkpoint (empty folder, truncated file,
+missing manifest, garbage metadata) is moved to WORKDIR/checkpoints_broken/ and
+the newest intact one restored; retention keeps the last `keep` checkpoints
+plus the newest one saved with `healthy` metrics (see train/guard.py).
 """
+import dataclasses
 import json
 import os
-from typing import Any
+import socket
+import time
+from typing import Any, Sequence
 
 from absl import logging
 from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
+
+from vimjax import errors
 
 
 def checkpoints_dir(workdir: str) -> str:
@@ -25,16 +38,63 @@ def checkpoints_dir(workdir: str) -> str:
   return os.path.join(root, "checkpoints")
 
 
+def check_writable(directory: str) -> None:
+  """Creates `directory` and writes/deletes a probe file; one-line CheckpointError if not."""
+  path = epath.Path(directory)
+  # Unique per process: a pod's processes probe the same shared folder at once.
+  probe = path / f".write_probe.{socket.gethostname()}.{os.getpid()}.{jax.process_index()}"
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise errors.CheckpointError(
+        f"cannot write checkpoints to {directory}: {errors.one_line(e)}; "
+        "fix its permissions or free space, or use another --workdir.") from e
+
+
+@dataclasses.dataclass
+class KeepNewestHealthy:
+  """orbax preservation policy: keeps the newest checkpoint whose metrics say healthy.
+
+  Checkpoints saved without metrics (older runs) count as healthy.
+  """
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+    del context
+    keep = [False] * len(checkpoints)
+    for i in range(len(checkpoints) - 1, -1, -1):
+      metrics = checkpoints[i].metrics
+      if not metrics or metrics.get("healthy", 1.0) > 0:
+        keep[i] = True
+        break
+    return keep
+
+
 class Checkpointer:
   """Saves {state, data, config} under `workdir/checkpoints/<step>`."""
 
-  def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True):
+  def __init__(self, workdir: str, *, every_steps: int, keep: int, async_save: bool = True,
+               read_only: bool = False):
+    if int(keep) < 1:
+      raise ValueError(f"keep_checkpoints={keep}; valid: an integer >= 1.")
+    self.workdir = workdir
     self.directory = checkpoints_dir(workdir)
     self.every_steps = every_steps
+    if not read_only:
+      check_writable(self.directory)
+    policy = ocp.checkpoint_managers
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+            preservation_policy=policy.AnyPreservationPolicy(
+                [policy.LatestN(n=int(keep)), KeepNewestHealthy()]),
+            # A best_fn makes orbax write the metrics the policy reads.
+            best_fn=lambda metrics: float(metrics.get("healthy", 1.0)),
+            # A save killed mid-write leaves STEP.orbax-checkpoint-tmp-*: clear it on start.
+            cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=async_save, create=not read_only,
+            read_only=read_only))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -42,14 +102,43 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return step % self.every_steps == 0
 
-  def save(self, step: int, state: Any, data_iterator: Any, config) -> None:
-    """Starts an async save; blocks only for the device->host copy."""
+  def save(self, step: int, state: Any, data_iterator: Any, config,
+           metrics: dict | None = None) -> None:
+    """Starts an async save; blocks only for the device->host copy.
+
+    `metrics` ({"healthy": 0/1, "loss": x}) drive retention (`KeepNewestHealthy`).
+    Raises CheckpointError naming the path and the cause if this or the
+    previous async save failed (e.g. a full disk).
+    """
     items = dict(state=ocp.args.StandardSave(state),
                  config=ocp.args.JsonSave(json.loads(config.to_json())))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items), force=True, metrics=metrics)
+    except Exception as e:  # pylint: disable=broad-except (orbax wraps OS errors variously)
+      raise self._save_error(step, e) from e
     logging.info("Checkpoint save started for step %d in %s.", step, self.directory)
+
+  def _save_error(self, step, e: Exception) -> errors.CheckpointError:
+    cause = e
+    while cause.__cause__ is not None and not isinstance(cause, OSError):
+      cause = cause.__cause__
+    return errors.CheckpointError(
+        f"saving checkpoint {step} to {self.directory} failed: {errors.one_line(cause)}")
+
+  def last_good(self) -> str:
+    """The newest checkpoint saved healthy, as a path (for messages)."""
+    healthy = KeepNewestHealthy()
+    infos = [_Info(s, self._metrics(s)) for s in self.manager.all_steps()]
+    kept = [i.step for i, k in zip(infos, healthy.should_preserve(infos, context=None)) if k]
+    return os.path.join(self.directory, str(kept[0])) if kept else "none"
+
+  def _metrics(self, step: int) -> dict | None:
+    try:
+      return self.manager.metrics(step)
+    except Exception:  # pylint: disable=broad-except (a broken one counts as without metrics)
+      return None
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
     """Restores `state` (resharded to `abstract_state`'s shardings) and the iterator in place."""
@@ -64,11 +153,115 @@ class Checkpointer:
     return self.manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(self.manager.latest_step(), e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Finishes the in-flight async save, then closes. Raises CheckpointError if it failed."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  def close_quietly(self) -> None:
+    """`close` on an error path: never raises over the original error, only logs."""
+    try:
+      self.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error("While stopping on an error, the in-flight checkpoint save failed: %s",
+                    errors.one_line(e))
+
+  # Start-up: restore the newest intact checkpoint.
+
+  def problem(self, step: int, abstract_state: Any) -> str | None:
+    """Why checkpoint `step` cannot be restored (None if it looks intact).
+
+    Raises ValueError when it is intact but holds a different state than
+    `abstract_state` (a changed model config, not a broken file).
+    """
+    step_dir = epath.Path(self.directory) / str(step)
+    try:
+      if not step_dir.is_dir() or not any(step_dir.iterdir()):
+        return "an empty folder"
+      json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
+      for item in ("state", "config"):
+        if not (step_dir / item).is_dir():
+          return f"no {item!r} item"
+      if not (step_dir / "state" / "manifest.ocdbt").exists():
+        return "no state/manifest.ocdbt"
+      saved = ocp.StandardCheckpointHandler().metadata(step_dir / "state")
+    except (OSError, ValueError) as e:
+      return errors.one_line(e)[:300]
+    _check_same_structure(step, saved, abstract_state)
+    return None
+
+  def move_aside(self, step: int, why: str) -> str:
+    """Moves checkpoint `step` to WORKDIR/checkpoints_broken/ (never deletes it)."""
+    dest_root = epath.Path(os.path.dirname(self.directory)) / "checkpoints_broken"
+    dest = dest_root / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      dest_root.mkdir(parents=True, exist_ok=True)
+      (epath.Path(self.directory) / str(step)).rename(dest)
+      print(f"warning: checkpoint {self.directory}/{step} is broken ({why}); "
+            f"moved it to {dest} and trying the previous one.", flush=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"vimjax_move_aside_{step}")
+    self.manager.reload()
+    return str(dest)
+
+  def restore_latest(self, abstract_state: Any, data_iterator: Any, *,
+                     move_broken: bool = True) -> tuple[Any, int | None]:
+    """(state, step) of the newest intact checkpoint, or (None, None) if there is none.
+
+    Broken ones are moved aside (`move_broken`, the trainer) or skipped with a
+    warning (evaluation, which must not change a workdir).
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      why = self.problem(step, abstract_state)
+      if why is None:
+        try:
+          return self.restore(step, abstract_state, data_iterator), step
+        except Exception as e:  # pylint: disable=broad-except (any unreadable byte)
+          why = f"restore failed: {errors.one_line(e)[:300]}"
+      if move_broken:
+        self.move_aside(step, why)
+      else:
+        print(f"warning: checkpoint {self.directory}/{step} is broken ({why}); "
+              "using the previous one.", flush=True)
+    return None, None
+
+
+@dataclasses.dataclass
+class _Info:
+  step: int
+  metrics: dict | None
+
+
+def _check_same_structure(step: int, saved: Any, abstract_state: Any) -> None:
+  """ValueError naming the first key whose presence, shape or dtype differs."""
+  def name(k):
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+
+  def flat(tree):
+    return {".".join(name(k) for k in p): x
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have, want = flat(saved), flat(abstract_state)
+  for key in sorted(set(have) | set(want)):
+    if key not in have or key not in want:
+      where = "the config's state" if key not in have else f"checkpoint {step}"
+      raise ValueError(f"checkpoint {step} does not match the config: {key} is missing from "
+                       f"{where} (a changed model config?); use a new --workdir or the "
+                       "config the run was started with.")
+    a, b = have[key], want[key]
+    if tuple(a.shape) != tuple(b.shape) or (a.dtype is not None and a.dtype != b.dtype):
+      raise ValueError(f"checkpoint {step} does not match the config: {key} is "
+                       f"{a.dtype}{list(a.shape)} there but {b.dtype}{list(b.shape)} here "
+                       "(a changed model config?); use a new --workdir or the original config.")
 
 
 def load_workdir_config(workdir: str, flag: str = "--workdir") -> ml_collections.ConfigDict:

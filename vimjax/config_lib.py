@@ -4,13 +4,15 @@ import os
 
 import ml_collections
 
+from vimjax import config_checks
 from vimjax import parallel
 from vimjax.data import text
 from vimjax.models import layers
 from vimjax.train import optimizers
 
 REQUIRED_KEYS = ("task", "seed", "total_steps", "global_batch_size", "log_every_steps",
-                 "checkpoint_every_steps", "eval_every_steps", "mesh.data", "mesh.fsdp",
+                 "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints",
+                 "num_eval_images", "mesh.data", "mesh.fsdp",
                  "mesh.tensor", "data.source", "data.image_size", "model", "optimizer",
                  "eval.inception_weights", "eval.fid_reference", "eval.num_images")
 TASKS = ("tokenizer", "vim", "parti")
@@ -71,6 +73,7 @@ def validate(config, num_devices: int, num_processes: int = 1) -> None:
     _get(config, key)
   if config.task not in TASKS:
     raise ValueError(f"task={config.task!r}; valid: {TASKS}.")
+  config_checks.check_values(config)
   for key in ("total_steps", "global_batch_size", "log_every_steps",
               "checkpoint_every_steps", "eval_every_steps"):
     if int(config[key]) <= 0:

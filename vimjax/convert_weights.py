@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vimjax import errors
 from vimjax.models import perceptual
 
 _VGG = flags.DEFINE_string("torchvision_vgg16", None, "torchvision vgg16 ImageNet .pth.")
@@ -95,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

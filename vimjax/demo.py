@@ -25,6 +25,7 @@ import numpy as np
 from configs import parti as parti_configs
 from configs import vitvqgan
 from vimjax import encode
+from vimjax import errors
 from vimjax import runtime
 from vimjax import sample
 from vimjax import train_vocab
@@ -165,4 +166,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  errors.run(main)

@@ -40,6 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vimjax import checkpoint
+from vimjax import errors
 from vimjax import parallel
 from vimjax import runtime
 from vimjax.data import pipeline
@@ -241,4 +242,4 @@ if __name__ == "__main__":
   _define_flags()
   config_flags.DEFINE_config_dict("config", saved)
   flags.mark_flags_as_required(["tokenizer_workdir", "output"])
-  app.run(main)
+  errors.run(main)

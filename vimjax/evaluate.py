@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from vimjax import checkpoint
 from vimjax import config_lib
+from vimjax import errors
 from vimjax import runtime
 from vimjax.train import loop
 
@@ -51,4 +52,4 @@ if __name__ == "__main__":
   if "eval" not in saved:  # Workdirs trained before the Inception metrics existed.
     saved.eval = config_lib.eval_config(num_images=saved.num_eval_images)
   config_flags.DEFINE_config_dict("config", saved)
-  app.run(main)
+  errors.run(main)

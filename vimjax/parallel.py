@@ -48,8 +48,8 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
   sizes = [int(mesh_config[a]) for a in MESH_AXES]
   bad = [f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes) if s == 0 or s < -1]
   if bad or sizes.count(-1) > 1:
-    raise ValueError(f"Invalid mesh {dict(zip(MESH_AXES, sizes))}: each axis must be "
-                     "a positive int, and at most one may be -1 (fill remaining devices).")
+    raise ValueError(f"Invalid mesh {', '.join(bad) or dict(zip(MESH_AXES, sizes))}: each axis "
+                     "must be a positive int, and at most one may be -1 (fill remaining devices).")
   known = math.prod(s for s in sizes if s != -1)
   if num_devices % known:
     raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} does not divide the {num_devices} "

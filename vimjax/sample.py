@@ -44,6 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vimjax import checkpoint
+from vimjax import errors
 from vimjax import parallel
 from vimjax import runtime
 from vimjax import sampling
@@ -268,7 +269,7 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
     if config.task == "parti":
       tokenizer = text.TextTokenizer(config.data.text_tokenizer, config.model.max_text_length)
       inputs = tokenizer.encode(padded)[0]
-      extra["text_truncated"] = tokenizer.encode(conditions)[1]  # Prompts cut to fit.
+      extra["text_truncated"] = warn_truncated(tokenizer, conditions)
       sample = lambda x, rng: sampling.sample_parti(model, params, x, rng=rng,
                                                     use_cache=use_cache, **settings)
     else:
@@ -344,6 +345,18 @@ def _define_flags():
   flags.DEFINE_string("out", "samples.png", "PNG grid path; tokens go next to it.")
 
 
+def warn_truncated(tokenizer, prompts: list[str]) -> int:
+  """Counts prompts cut to the model's max_text_length, with a warning naming them."""
+  cut = [p for p in prompts if tokenizer.encode([p])[1]]
+  if cut:
+    shown = "; ".join(repr(p[:40] + ("..." if len(p) > 40 else "")) for p in cut[:3])
+    message = (f"warning: {len(cut)} prompt(s) are longer than model.max_text_length="
+               f"{tokenizer.max_length} tokens and were cut to fit: {shown}")
+    logging.warning(message)
+    print(message, file=sys.stderr, flush=True)
+  return len(cut)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -372,4 +385,4 @@ if __name__ == "__main__":
     raise SystemExit(f"error: {e}") from None
   _define_flags()
   config_flags.DEFINE_config_dict("config", _saved)
-  app.run(main)
+  errors.run(main)

@@ -14,6 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vimjax import model_stats
+from vimjax import errors
 from vimjax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].")
@@ -44,4 +45,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  errors.run(main)

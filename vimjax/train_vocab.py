@@ -15,6 +15,7 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from vimjax import errors
 from vimjax.data import sources
 from vimjax.data import text
 
@@ -83,4 +84,4 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["output"])
-  app.run(main)
+  errors.run(main)

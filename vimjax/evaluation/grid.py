@@ -17,6 +17,9 @@ from PIL import Image, ImageDraw, ImageFont
 BACKGROUND = 255
 TEXT_COLOR = (0, 0, 0)
 CAPTION_MARGIN = 2  # Pixels between a tile and its caption's first line.
+# Longer captions are cut to this many lines ending in "...", so one long prompt
+# cannot stretch every caption strip of the grid (the full text is in the JSON).
+MAX_CAPTION_LINES = 4
 
 
 def to_uint8(images) -> np.ndarray:
@@ -73,6 +76,16 @@ def wrap_text(text: str, font, width: int) -> list[str]:
   return lines
 
 
+def shorten_lines(lines: list[str], font, width: int, max_lines: int) -> list[str]:
+  """The first `max_lines` lines, the last ending in "..." (within `width` px) if cut."""
+  if len(lines) <= max_lines:
+    return lines
+  last = lines[max_lines - 1]
+  while last and font.getlength(last + "...") > width:
+    last = last[:-1]
+  return lines[:max_lines - 1] + [last.rstrip() + "..."]
+
+
 def make_image_grid(images, *, columns: int, captions: list[str] | None = None,
                     upscale: int = 1, padding: int = 2) -> np.ndarray:
   """Tiles images into one picture, with an optional caption under each tile.
@@ -80,7 +93,8 @@ def make_image_grid(images, *, columns: int, captions: list[str] | None = None,
   Args:
     images: [n, h, w, 3] float in [0, 1] (clipped) or uint8.
     columns: tiles per row; rows = ceil(n / columns), the last row may be short.
-    captions: None or n strings, drawn under their tiles.
+    captions: None or n strings, drawn under their tiles (wrapped to the tile
+      width, at most MAX_CAPTION_LINES lines).
     upscale: integer nearest-neighbour factor, e.g. 4 for 32px images.
     padding: background pixels around and between tiles.
 
@@ -107,7 +121,8 @@ def make_image_grid(images, *, columns: int, captions: list[str] | None = None,
     font = ImageFont.load_default()
     ascent, descent = font.getmetrics()
     line_h = ascent + descent
-    wrapped = [wrap_text(str(c), font, tile_w) for c in captions]
+    wrapped = [shorten_lines(wrap_text(str(c), font, tile_w), font, tile_w, MAX_CAPTION_LINES)
+               for c in captions]
     caption_h = CAPTION_MARGIN + line_h * max(len(lines) for lines in wrapped)
 
   cell_h = tile_h + caption_h + padding

@@ -6,6 +6,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from vimjax import errors
 from vimjax import runtime
 from vimjax.train import loop
 
@@ -23,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)

@@ -1,8 +1,11 @@
 """The generic training loop: any task's pure step, sharded, checkpointed, logged.
 
-Restore order: the latest checkpoint in `workdir` (same or different mesh),
-else a fresh initialisation. A task (see `Task`) supplies pure functions; this
-module owns jit, shardings, data, checkpoints, metrics and MFU.
+Restore order: the newest intact checkpoint in `workdir` (same or different
+mesh; broken ones are moved aside), else a fresh initialisation. A task (see
+`Task`) supplies pure functions; this module owns jit, shardings, data,
+checkpoints, metrics and MFU. Start-up checks (config, data source, workdir
+lock, writable checkpoints) come before anything is written or compiled; the
+divergence guard is train/guard.py (README "Failure modes").
 """
 import dataclasses
 import json
@@ -21,11 +24,15 @@ import numpy as np
 
 from vimjax import checkpoint
 from vimjax import config_lib
+from vimjax import errors
 from vimjax import flops
 from vimjax import parallel
+from vimjax import workdir_lock
 from vimjax.data import pipeline
 from vimjax.evaluation import generative
 from vimjax.evaluation import grid
+from vimjax.train import guard
+from vimjax.train import preflight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,16 +60,23 @@ class Task:
 
 
 class _Sigterm:
-  """Remembers a SIGTERM so the loop can checkpoint and exit between steps."""
+  """Remembers a SIGTERM so the loop can checkpoint and exit between steps.
+
+  Installed first thing in `train_and_evaluate` (a SIGTERM during start-up or
+  compilation must not kill the process); `restore()` puts the previous handler back.
+  """
 
   def __init__(self):
     self.received = False
-    signal.signal(signal.SIGTERM, self._handle)
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM received: saving a checkpoint and exiting.")
     self.received = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
 
 
 def state_shardings(task: Task, mesh, rules, rng):
@@ -134,12 +148,14 @@ def evaluate_workdir(config, workdir: str) -> dict:
     task = tasks.build(config, mesh)
     abstract, shardings = state_shardings(task, mesh, rules, jax.random.key(config.seed))
     ckpt = checkpoint.Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
-                                   keep=config.keep_checkpoints)
-    step = ckpt.latest_step()
+                                   keep=config.keep_checkpoints, read_only=True)
+    try:
+      state, step = ckpt.restore_latest(checkpoint.abstract_with_shardings(abstract, shardings),
+                                        None, move_broken=False)
+    finally:
+      ckpt.close()
     if step is None:
-      raise ValueError(f"--workdir={workdir!r} has no checkpoint to evaluate.")
-    state = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract, shardings), None)
-    ckpt.close()
+      raise ValueError(f"--workdir={workdir!r} has no intact checkpoint to evaluate.")
     metrics, images = evaluate(task, jit_eval_step(task, shardings, mesh), state, config, mesh)
     metrics.update(generative.fid_metrics(config, state, mesh, task))  # {} without weights.
   if images is not None and jax.process_index() == 0:
@@ -159,11 +175,31 @@ def metrics_accumulator(names):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config.task` in `workdir`, resuming from its latest checkpoint.
 
-  Returns the final metrics, also written to `workdir/train_result.json`.
+  Returns the final metrics, also written to `workdir/train_result.json`. A
+  run that already reached `total_steps` returns its saved result untouched.
   """
+  # One process: our SIGTERM flag, installed before anything slow. Several: a
+  # per-process flag could stop them at different steps (a collective deadlock),
+  # so rely on jax's preemption service (started by jax.distributed.initialize;
+  # it catches SIGTERM itself) to agree on one step for all processes.
+  sigterm = _Sigterm() if jax.process_count() == 1 else None
+  try:
+    config_lib.validate(config, jax.device_count(), jax.process_count())
+    preflight.check_sources(config)  # Before anything is written.
+    finished = preflight.finished_result(workdir, config)
+    if finished is not None:
+      return finished
+    with workdir_lock.hold(workdir) as lock:
+      return _train(config, workdir, sigterm, lock)
+  finally:
+    if sigterm is not None:
+      sigterm.restore()
+
+
+def _train(config, workdir: str, sigterm, lock) -> dict:
+  """The run itself, in a validated and locked workdir."""
   from vimjax.train import tasks  # pylint: disable=g-import-not-at-top (tasks import loop)
-  config_lib.validate(config, jax.device_count(), jax.process_count())
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # Local or gs://.
+  checkpoint.check_writable(checkpoint.checkpoints_dir(workdir))
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   mesh = parallel.create_mesh(config.mesh)
@@ -183,6 +219,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step_flops = model_flops / jax.device_count()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     task = tasks.build(config, mesh)
+    task = dataclasses.replace(task, train_step=guard.guard_step(
+        task.train_step, config.skip_nonfinite_updates))
     rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(rng)
     state, state_sh = create_sharded_state(task, mesh, rules, init_rng)
@@ -191,81 +229,124 @@ def train_and_evaluate(config, workdir: str) -> dict:
         seed=config.seed, train=True, transforms=task.data_transforms)
     ckpt = checkpoint.Checkpointer(workdir, every_steps=config.checkpoint_every_steps,
                                    keep=config.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-      state = ckpt.restore(latest, checkpoint.abstract_with_shardings(state, state_sh), train_iter)
-    start = int(jax.device_get(state.step))
-
-    step_fn = jit_train_step(task, state_sh, mesh)
-    eval_fn = jit_eval_step(task, state_sh, mesh)
-    fid_extractor = generative.make_extractor(config, mesh) if generative.enabled(config) else None
-    batch, skipped = _device_batch(next(train_iter), mesh)
-    compiled = step_fn.lower(state, batch, step_rng, task.frozen).compile()
-    compiled_flops = flops.compiled_flops(compiled)
-    memory = compiled.memory_analysis()
-    logging.info("Compiled train step: model %.3g FLOPs/device/step (compiled program: %.3g); "
-                 "memory %s.", step_flops, compiled_flops, memory)
-
-    # One process: our SIGTERM flag. Several: a per-process flag could stop them at
-    # different steps (a collective deadlock), so rely on jax's preemption service
-    # (started by jax.distributed.initialize; it catches SIGTERM itself) to agree on
-    # one step for all processes.
-    sigterm = _Sigterm() if jax.process_count() == 1 else None
-    preempted = False
-    result = {}
-    metric_names = jax.eval_shape(step_fn, state, batch, step_rng, task.frozen)[1]
-    empty_metrics, accumulate = metrics_accumulator(metric_names)
-    train_metrics, last_log, last_log_step = empty_metrics, time.perf_counter(), start
-    total_skipped = skipped
-    for step in range(start + 1, config.total_steps + 1):
-      if step > start + 1:
-        batch, skipped = _device_batch(next(train_iter), mesh)
-        total_skipped += skipped
-      state, metrics = compiled(state, batch, jax.random.fold_in(step_rng, step), task.frozen)
-      train_metrics = accumulate(train_metrics, metrics)
-
-      if step % config.log_every_steps == 0 or step == config.total_steps:
-        scalars = {k: float(v) for k, v in train_metrics.compute().items()}
-        if not np.isfinite(scalars.get("loss", 0.0)):
-          raise FloatingPointError(f"Non-finite loss {scalars['loss']} at step {step}.")
-        elapsed = time.perf_counter() - last_log
-        steps_per_sec = (step - last_log_step) / elapsed
-        scalars.update(
-            steps_per_sec=steps_per_sec,
-            examples_per_sec=steps_per_sec * config.global_batch_size,
-            mfu=(flops.flops_between(flops_phases, last_log_step, step) / jax.device_count()
-                 / elapsed / peak if peak else 0.0),
-            skipped_examples=total_skipped)
-        writer.write_scalars(step, scalars)
-        logging.info("step %d/%d loss %.4f | %.2f steps/s %.1f ex/s MFU %.2f%%", step,
-                     config.total_steps, scalars.get("loss", float("nan")), steps_per_sec,
-                     scalars["examples_per_sec"], 100 * scalars["mfu"])
-        result.update(scalars)
-        train_metrics, last_log, last_log_step = empty_metrics, time.perf_counter(), step
-
-      if step % config.eval_every_steps == 0 or step == config.total_steps:
-        eval_metrics, images = evaluate(task, eval_fn, state, config, mesh)
-        if fid_extractor is not None:  # FID / IS / rFID (config.eval), logged as eval/*.
-          eval_metrics.update(generative.fid_metrics(config, state, mesh, task, fid_extractor))
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-        if images is not None and jax.process_index() == 0:
-          tiles = grid.write_image_grid(os.path.join(workdir, f"eval_{step}.png"), images,
-                                        columns=8, upscale=max(1, 128 // images.shape[1]))
-          writer.write_images(step, {"eval/grid": tiles[None]})
-        logging.info("eval step %d: %s", step, json.dumps(eval_metrics))
-        result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-        last_log = time.perf_counter()  # Do not count eval time as training time.
-
-      preempted = sigterm.received if sigterm is not None else ckpt.reached_preemption(step)
-      if ckpt.should_save(step) or step == config.total_steps or preempted:
-        ckpt.save(step, state, train_iter, config)
-      if preempted:
-        break
-    ckpt.close()
-    writer.flush()
-  result.update(step=int(jax.device_get(state.step)), flops_per_step=model_flops,
-                flops_per_step_per_device=step_flops, compiled_flops_per_device=compiled_flops,
-                peak_flops_per_device=peak, preempted=preempted)
+    try:
+      restored, _ = ckpt.restore_latest(
+          checkpoint.abstract_with_shardings(state, state_sh), train_iter)
+      state = state if restored is None else restored
+      result = _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh,
+                     step_rng, sigterm, lock, peak, step_flops, flops_phases)
+      ckpt.close()  # Waits for the last async save; raises if it failed.
+    except BaseException:
+      ckpt.close_quietly()  # Never leave a save half-written behind an error.
+      raise
+    finally:
+      writer.flush()
+  result.update(flops_per_step=model_flops, flops_per_step_per_device=step_flops,
+                peak_flops_per_device=peak)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "train_result.json").write_text(json.dumps(result, indent=2))
+  return result
+
+
+def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh, step_rng,
+          sigterm, lock, peak, step_flops, flops_phases) -> dict:
+  """Steps from the restored state to total_steps (or a SIGTERM); returns the result."""
+  start = int(jax.device_get(state.step))
+  if sigterm is not None and sigterm.received:  # During start-up: stop before compiling.
+    return {"step": start, "preempted": True}
+  step_fn = jit_train_step(task, state_sh, mesh)
+  eval_fn = jit_eval_step(task, state_sh, mesh)
+  fid_extractor = generative.make_extractor(config, mesh) if generative.enabled(config) else None
+  batch, skipped = _device_batch(next(train_iter), mesh)
+  compiled = step_fn.lower(state, batch, step_rng, task.frozen).compile()
+  compiled_flops = flops.compiled_flops(compiled)
+  memory = compiled.memory_analysis()
+  logging.info("Compiled train step: model %.3g FLOPs/device/step (compiled program: %.3g); "
+               "memory %s.", step_flops, compiled_flops, memory)
+
+  preempted = False
+  result = {}
+  metric_names = jax.eval_shape(step_fn, state, batch, step_rng, task.frozen)[1]
+  empty_metrics, accumulate = metrics_accumulator(metric_names)
+  train_metrics, last_log, last_log_step = empty_metrics, time.perf_counter(), start
+  total_skipped = skipped
+  # Non-finite steps so far (`health`, on device) and at the last log (host).
+  health, logged_nonfinite = guard.empty_health(), 0
+  loss_watch, window_loss = guard.LossWatch(config.max_loss_ratio), None
+
+  def check_health(step):
+    """Reads the device-side guard (a sync: only at log and save steps)."""
+    first, count = guard.read(health)
+    if first and not config.skip_nonfinite_updates:
+      raise errors.DivergedError(
+          f"non-finite loss or gradient norm at step {first}; nothing from it on was saved. "
+          f"Last good checkpoint: {ckpt.last_good()}. Lower optimizer.lr or set "
+          "--config.skip_nonfinite_updates=True, then rerun the same command.")
+    window = step - last_log_step
+    if window > 1 and count - logged_nonfinite >= window:
+      raise errors.DivergedError(
+          f"every update of steps {last_log_step + 1}..{step} was non-finite (skipped); "
+          f"last good checkpoint: {ckpt.last_good()}. Lower optimizer.lr, then rerun.")
+    return count
+
+  for step in range(start + 1, config.total_steps + 1):
+    if step > start + 1:
+      batch, skipped = _device_batch(next(train_iter), mesh)
+      total_skipped += skipped
+    state, metrics = compiled(state, batch, jax.random.fold_in(step_rng, step), task.frozen)
+    train_metrics = accumulate(train_metrics, metrics)
+    health = guard.track(health, metrics, step)
+
+    if step % config.log_every_steps == 0 or step == config.total_steps:
+      nonfinite_count = check_health(step)
+      scalars = {k: float(v) for k, v in train_metrics.compute().items()}
+      scalars.pop(guard.NONFINITE, None)
+      # A window with skipped (zeroed) steps says nothing about divergence.
+      window_loss = scalars.get("loss") if nonfinite_count == logged_nonfinite else None
+      logged_nonfinite = nonfinite_count
+      elapsed = time.perf_counter() - last_log
+      steps_per_sec = (step - last_log_step) / elapsed
+      scalars.update(
+          steps_per_sec=steps_per_sec,
+          examples_per_sec=steps_per_sec * config.global_batch_size,
+          mfu=(flops.flops_between(flops_phases, last_log_step, step) / jax.device_count()
+               / elapsed / peak if peak else 0.0),
+          skipped_examples=total_skipped, skipped_nonfinite_updates=nonfinite_count)
+      writer.write_scalars(step, scalars)
+      logging.info("step %d/%d loss %.4f | %.2f steps/s %.1f ex/s MFU %.2f%%", step,
+                   config.total_steps, scalars.get("loss", float("nan")), steps_per_sec,
+                   scalars["examples_per_sec"], 100 * scalars["mfu"])
+      result.update(scalars)
+      train_metrics, last_log, last_log_step = empty_metrics, time.perf_counter(), step
+
+    # Save before eval: an eval failure must not cost the step's checkpoint.
+    preempted = sigterm.received if sigterm is not None else ckpt.reached_preemption(step)
+    if ckpt.should_save(step) or step == config.total_steps or preempted:
+      nonfinite_count = check_health(step)  # Never save a non-finite state.
+      if step != last_log_step:  # Mid-window: this window's mean loss so far.
+        window_loss = (float(train_metrics.compute().get("loss", float("nan")))
+                       if nonfinite_count == logged_nonfinite else None)
+      lock.check()  # Another run took the workdir over: do not overwrite its checkpoints.
+      healthy = loss_watch.healthy(window_loss, step)
+      ckpt.save(step, state, train_iter, config,
+                metrics={"healthy": float(healthy),
+                         **({"loss": window_loss} if window_loss is not None else {})})
+
+    if step % config.eval_every_steps == 0 or step == config.total_steps:
+      eval_metrics, images = evaluate(task, eval_fn, state, config, mesh)
+      if fid_extractor is not None:  # FID / IS / rFID (config.eval), logged as eval/*.
+        eval_metrics.update(generative.fid_metrics(config, state, mesh, task, fid_extractor))
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+      if images is not None and jax.process_index() == 0:
+        tiles = grid.write_image_grid(os.path.join(workdir, f"eval_{step}.png"), images,
+                                      columns=8, upscale=max(1, 128 // images.shape[1]))
+        writer.write_images(step, {"eval/grid": tiles[None]})
+      logging.info("eval step %d: %s", step, json.dumps(eval_metrics))
+      result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+      last_log = time.perf_counter()  # Do not count eval time as training time.
+
+    if preempted:
+      break
+  result.update(step=int(jax.device_get(state.step)), compiled_flops_per_device=compiled_flops,
+                preempted=preempted)
   return result
