@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from vimjax import errors
 from vimjax.models import inception
 
 # Our leaf name -> (torch suffix, layout change).
@@ -95,4 +96,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  errors.run(main)

@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 import ml_collections
 
+from vimjax import errors
 from vimjax import parallel
 from vimjax import runtime
 from vimjax.evaluation import inception_features
@@ -118,4 +119,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  errors.run(main)

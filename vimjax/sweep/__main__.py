@@ -13,6 +13,7 @@ import sys
 from absl import app
 from absl import flags
 
+from vimjax import errors
 from vimjax import runtime
 from vimjax.sweep import launchers
 from vimjax.sweep import report
@@ -63,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run(main)
