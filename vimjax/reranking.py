@@ -27,7 +27,7 @@ def check_compatible(rerank_config, config, rerank_workdir: str) -> None:
       raise ValueError(f"--rerank_workdir={rerank_workdir!r} has model.{key}="
                        f"{rerank_config.model[key]}, the sampled model {config.model[key]}.")
   mine, theirs = rerank_config.tokenizer_workdir, config.tokenizer_workdir
-  if mine and theirs and os.path.abspath(mine) != os.path.abspath(theirs):
+  if mine and theirs and os.path.realpath(mine) != os.path.realpath(theirs):
     raise ValueError(f"--rerank_workdir={rerank_workdir!r} was trained on the tokens of "
                      f"{mine!r}, but the samples are tokens of {theirs!r}; train the reranker "
                      "on the same tokenizer's tokens.")
