@@ -118,7 +118,7 @@ def predict(head: dict, features: np.ndarray) -> np.ndarray:
   return np.argmax(features @ head["kernel"] + head["bias"], axis=-1)
 
 
-def _labelled_split(config, split: str, num_examples: int, featurize, mesh) -> tuple:
+def _labelled_split(config, split: str, num_examples: int, featurize) -> tuple:
   """(features [len(blocks), m, d], labels [m], dropped unlabelled count) of one split."""
   data = ml_collections.ConfigDict(config.data.to_dict())
   data.update(num_train_examples=num_examples, num_eval_examples=num_examples)
@@ -129,23 +129,28 @@ def _labelled_split(config, split: str, num_examples: int, featurize, mesh) -> t
     if "label" not in batch:
       raise ValueError(f"data.source={data.source!r} has no labels; the probe needs a "
                        "labelled source (token records of `vimjax.encode`, shapes, tfds, folder).")
-    keep = batch["mask"] > 0
-    unlabelled += int(np.sum(keep & (batch["label"] < 0)))
-    keep &= batch["label"] >= 0
-    feats = featurize(batch)
+    feats, label, mask = featurize(batch)  # The whole global batch, on every process.
+    keep = mask > 0
+    unlabelled += int(np.sum(keep & (label < 0)))
+    keep &= label >= 0
     features.append(feats[:, keep])
-    labels.append(batch["label"][keep])
-  if not labels or sum(len(l) for l in labels) == 0:
+    labels.append(label[keep])
+  if not labels or not sum(len(l) for l in labels):
     raise ValueError(f"The {split!r} split of data.source={data.source!r} has no labelled "
                      f"examples ({unlabelled} unlabelled).")
   return np.concatenate(features, axis=1), np.concatenate(labels).astype(np.int32), unlabelled
 
 
 def _featurizer(config, model, params, blocks, mesh, rules):
-  """host batch -> [len(blocks), b, d] numpy features, sharded over the mesh."""
+  """host batch -> (features [len(blocks), B, d], label [B], mask [B]) numpy.
+
+  Computed sharded over the mesh; the outputs are replicated, so with several
+  processes each gets the whole global batch B (all processes fit the same head).
+  """
   batch_sharding = parallel.batch_sharding(mesh)
-  features = jax.jit(lambda p, t: pooled_block_features(model, p, t, blocks),
-                     out_shardings=parallel.replicated(mesh))
+  features = jax.jit(
+      lambda p, t, label, mask: (pooled_block_features(model, p, t, blocks), label, mask),
+      out_shardings=parallel.replicated(mesh))
   tok_model = tok_params = encode = None
 
   def featurize(host_batch):
@@ -168,7 +173,10 @@ def _featurizer(config, model, params, blocks, mesh, rules):
     if tokens.shape[1] != model.num_tokens:
       raise ValueError(f"Tokens of length {tokens.shape[1]}; the VIM reads {model.num_tokens} "
                        "(model.grid_size^2): were they made by another tokenizer?")
-    return np.asarray(jax.device_get(features(params, tokens.astype(jnp.int32))))
+    rows = pipeline.to_global_batch({"label": host_batch["label"], "mask": host_batch["mask"]},
+                                    mesh)
+    return tuple(np.asarray(x) for x in jax.device_get(
+        features(params, tokens.astype(jnp.int32), rows["label"], rows["mask"])))
 
   return featurize
 
@@ -201,9 +209,8 @@ def run(config, workdir: str, *, blocks, num_train_examples: int = 0,
     params, step = sample.load_stage2_params(config, workdir, mesh, rules)
     featurize = _featurizer(config, model, params, blocks, mesh, rules)
     train_x, train_y, dropped_train = _labelled_split(config, "train", num_train_examples,
-                                                      featurize, mesh)
-    eval_x, eval_y, dropped_eval = _labelled_split(config, "eval", num_eval_examples,
-                                                   featurize, mesh)
+                                                      featurize)
+    eval_x, eval_y, dropped_eval = _labelled_split(config, "eval", num_eval_examples, featurize)
   num_classes = int(max(train_y.max(), eval_y.max())) + 1
   logging.info("Probing blocks %s on %d train / %d eval examples, %d classes.", blocks,
                len(train_y), len(eval_y), num_classes)
