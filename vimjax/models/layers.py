@@ -1,8 +1,9 @@
 """Transformer building blocks shared by the tokenizer and the stage-2 models.
 
 Owns: LayerNorm (float32), MlpBlock, Attention (with an autoregressive
-key/value cache), TransformerBlock (pre-LN), TransformerStack (optionally
-scanned and rematerialised), and the causal / conv-shaped attention masks.
+key/value cache), TransformerBlock (pre-LN; sows its output for probes),
+TransformerStack (optionally scanned and rematerialised), `block_outputs`
+(the sown block outputs of a stack) and the causal / conv-shaped attention masks.
 
 Conventions:
   * Every parameter carries logical axis names from `parallel.LOGICAL_AXES`.
