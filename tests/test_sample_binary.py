@@ -5,20 +5,27 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
 
+from configs import contrastive as contrastive_config
 from configs import parti as parti_config
 from configs import vim as vim_config
 from configs import vitvqgan
 from vimjax import checkpoint
 from vimjax import config_lib
+from vimjax import parallel
 from vimjax import sample
 from vimjax.data import shapes
 from vimjax.data import sources
 from vimjax.data import text
+from vimjax.models import dual_encoder
 from vimjax.train import loop
+from vimjax.train import tasks
 
 IMAGE, PATCH, CODES = 16, 4, 64
 GRID = IMAGE // PATCH
@@ -74,7 +81,7 @@ def workdirs(tmp_path_factory):
   parti = _set(parti_config.get_config("tiny"), **stage2, **{
       "model.encoder_layers": 1, "model.decoder_layers": 1, "model.max_text_length": TEXT_LEN,
       "data.text_tokenizer": spm["model"]})
-  dirs = {"root": root, "tokenizer": tok_dir}
+  dirs = {"root": root, "tokenizer": tok_dir, "stage2": stage2, "spm": spm["model"]}
   for name, config in (("vim", vim), ("parti", parti)):
     dirs[name] = str(root / name)
     loop.train_and_evaluate(config, dirs[name])
@@ -164,3 +171,48 @@ def test_binary_writes_png_tokens_and_json(workdirs, tmp_path):
                        timeout=300)
   assert bad.returncode != 0
   assert bad.stderr.strip().splitlines()[-1].startswith("error: Parti needs prompts")
+
+
+def test_rerank_keeps_the_best_scoring_candidate(workdirs):
+  """The kept sample per prompt is the candidate the dual encoder scores highest, among the
+  same candidates (same seed and model) that sampling without reranking draws."""
+  stage2 = {k: v for k, v in workdirs["stage2"].items()
+            if not k.startswith("model.") or k in ("model.grid_size", "model.codebook_size")}
+  clip = _set(contrastive_config.get_config("tiny"), **stage2, **{
+      "model.image_layers": 1, "model.text_layers": 1,
+      "model.emb_dim": 32, "model.mlp_dim": 64, "model.num_heads": 2, "model.out_dim": 16,
+      "model.max_text_length": TEXT_LEN, "data.text_tokenizer": workdirs["spm"]})
+  clip_dir = str(workdirs["root"] / "contrastive")
+  loop.train_and_evaluate(clip, clip_dir)
+
+  kwargs = dict(prompts=PROMPTS, seed=5, temperature=1.0, top_k=0)
+  plain = _sample(workdirs["parti"], num_samples=4, **kwargs)
+  kept = _sample(workdirs["parti"], num_samples=1, rerank_workdir=clip_dir, num_candidates=4,
+                 **kwargs)
+  # Independent scores of the 8 candidates with the restored reranker.
+  model = tasks.TASKS["contrastive"].build_model(clip)
+  mesh = parallel.create_mesh(clip.mesh)
+  rules = parallel.rules_from_config(clip.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params, _ = sample.load_stage2_params(clip, clip_dir, mesh, rules)
+    ids = text.TextTokenizer(workdirs["spm"], TEXT_LEN).encode(
+        [p for p in PROMPTS for _ in range(4)])[0]
+    scores = np.asarray(dual_encoder.similarity(model, params, jnp.asarray(plain["tokens"]),
+                                                jnp.asarray(ids)))
+  best = scores.reshape(2, 4).argmax(1) + np.array([0, 4])
+  np.testing.assert_array_equal(kept["tokens"], plain["tokens"][best])
+  np.testing.assert_allclose(kept["rerank_scores"], scores[best], rtol=1e-4)
+  assert kept["num_images"] == 2 and kept["captions"] == PROMPTS
+  assert kept["candidate_prompt_adherence"] == pytest.approx(plain["prompt_adherence"])
+  assert kept["oracle_prompt_adherence"] >= kept["prompt_adherence"]
+
+  with pytest.raises(ValueError, match=r"--num_candidates=1 must be >= --num_samples=2"):
+    _sample(workdirs["parti"], num_samples=2, rerank_workdir=clip_dir, num_candidates=1,
+            **kwargs)
+  with pytest.raises(ValueError, match="--num_candidates=4 needs --rerank_workdir"):
+    _sample(workdirs["parti"], num_candidates=4, **kwargs)
+  with pytest.raises(ValueError, match="Parti only"):
+    _sample(workdirs["vim"], class_ids=[0], rerank_workdir=clip_dir, num_candidates=2)
+  with pytest.raises(ValueError, match="it must be a 'contrastive' run"):
+    _sample(workdirs["parti"], num_samples=1, rerank_workdir=workdirs["parti"],
+            num_candidates=2, **kwargs)

@@ -270,6 +270,7 @@ LAYER_KEYS = {
     "tokenizer": ("encoder.num_layers", "decoder.num_layers"),
     "vim": ("num_layers",),
     "parti": ("encoder_layers", "decoder_layers"),
+    "contrastive": ("image_layers", "text_layers"),
 }
 
 

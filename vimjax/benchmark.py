@@ -62,8 +62,8 @@ SYNTHETIC_SOURCE = "synthetic"  # Stands in for data.source: batches are made he
 
 
 def tokens_per_example(config) -> int:
-  """Image tokens (stage 2) or patches (tokenizer) per example."""
-  if config.task in STAGE2:
+  """Image tokens (stage 2, contrastive) or patches (tokenizer) per example."""
+  if "grid_size" in config.model:
     return config.model.grid_size ** 2
   return (config.data.image_size // config.model.patch_size) ** 2
 
@@ -105,7 +105,7 @@ def synthetic_text_ids(config, batch_size: int, rs: np.random.RandomState) -> np
 
 
 def _ensure_text_tokenizer(config) -> None:
-  """Parti's task loads a SentencePiece model; make a throwaway one if none is given."""
+  """Captioned tasks load a SentencePiece model; make a throwaway one if none is given."""
   path = config.data.text_tokenizer
   if "<dir>" not in path and ("://" in path or os.path.exists(path)):
     return
@@ -121,9 +121,9 @@ def _ensure_text_tokenizer(config) -> None:
 
 def prepare_config(config) -> None:
   """Synthetic data stands in for data.source; checks the rest of the config."""
-  if config.task in STAGE2:
+  if "grid_size" in config.model:  # Token-reading tasks (VIM, Parti, contrastive).
     config.data.source = SYNTHETIC_SOURCE
-  if config.task == "parti":
+  if "text_tokenizer" in config.data:
     _ensure_text_tokenizer(config)
   config_lib.validate(config, jax.device_count(), jax.process_count())
 

@@ -15,8 +15,9 @@ REQUIRED_KEYS = ("task", "seed", "total_steps", "global_batch_size", "log_every_
                  "num_eval_images", "mesh.data", "mesh.fsdp",
                  "mesh.tensor", "data.source", "data.image_size", "model", "optimizer",
                  "eval.inception_weights", "eval.fid_reference", "eval.num_images")
-TASKS = ("tokenizer", "vim", "parti")
-STAGE2_TASKS = ("vim", "parti")
+TASKS = ("tokenizer", "vim", "parti", "contrastive")
+# Tasks that train on the token records of `python -m vimjax.encode`.
+STAGE2_TASKS = ("vim", "parti", "contrastive")
 
 
 INCEPTION_MIN_SIZE = 75  # models/inception.py MIN_SIZE (not imported: it pulls in flax).
@@ -125,6 +126,9 @@ def _validate_eval(config) -> None:
   e = config.eval
   if not e.inception_weights:
     return
+  if config.task == "contrastive":
+    raise ValueError(f"eval.inception_weights={e.inception_weights!r} with task='contrastive': "
+                     "a dual encoder generates no images; leave eval.inception_weights empty.")
   if "://" not in e.inception_weights and not os.path.exists(e.inception_weights):
     raise ValueError(f"eval.inception_weights={e.inception_weights!r} does not exist; "
                      f"{CONVERT_INCEPTION_HINT}.")
@@ -164,13 +168,13 @@ def _validate_levers(model) -> None:
 
 
 def _validate_stage2(config) -> None:
-  """Token source, CFG rate, tokens metadata and (Parti) the text tokenizer."""
+  """Token source, CFG rate, tokens metadata and (captioned tasks) the text tokenizer."""
   source = config.data.source
   if "<dir>" in source:
     raise ValueError(f"data.source={source!r} is a placeholder; point it at the shards of "
                      "`python -m vimjax.encode`, e.g. "
                      "'array_record:OUT/tokens-{split}-*.array_record'.")
-  if not 0.0 <= config.model.cfg_dropout <= 1.0:
+  if "cfg_dropout" in config.model and not 0.0 <= config.model.cfg_dropout <= 1.0:
     raise ValueError(f"model.cfg_dropout={config.model.cfg_dropout} must be in [0, 1].")
   kind, _, pattern = source.partition(":")
   directory = os.path.dirname(pattern)
@@ -183,7 +187,7 @@ def _validate_stage2(config) -> None:
         raise ValueError(f"model.{key}={config.model[key]} does not match the tokens in "
                          f"{directory} ({key}={written[key]} in metadata.json); set "
                          f"--config.model.{key}={written[key]}.")
-  if config.task == "parti":
+  if "text_tokenizer" in config.data:  # Parti and the contrastive reranker read captions.
     path = config.data.text_tokenizer
     if "<dir>" in path or ("://" not in path and not os.path.exists(path)):
       raise ValueError(f"data.text_tokenizer={path!r} does not exist; {text.TRAIN_HINT}.")

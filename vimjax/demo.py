@@ -2,12 +2,16 @@
 
 The main job on the embedded shapes dataset, on CPU in minutes:
 tiny ViT-VQGAN -> encode the dataset to tokens -> SentencePiece vocabulary on
-the captions -> tiny Parti -> samples for held-out prompts (`samples.png`, the
-prompts as captions) scored by the shapes dataset's analytic checker, against
-the same samples scored on shuffled prompts. Final line: one JSON object with
-psnr, codebook_usage, bits_per_token, prompt_adherence, shuffled_adherence
-(all-or-nothing: exactly the prompt's cells occupied in the prompt's colours),
-and shape_recall, shuffled_shape_recall (partial credit per prompt shape).
+the captions -> tiny Parti -> tiny contrastive dual encoder (the reranker) ->
+samples for held-out prompts, `--num_candidates` per prompt reranked by the
+dual encoder as Parti does (`samples.png`, the prompts as captions), scored by
+the shapes dataset's analytic checker, against the same samples scored on
+shuffled prompts. Final line: one JSON object with psnr, codebook_usage,
+bits_per_token, prompt_adherence, shuffled_adherence (all-or-nothing: exactly
+the prompt's cells occupied in the prompt's colours), shape_recall,
+shuffled_shape_recall (partial credit per prompt shape) and, when reranking,
+prompt_adherence_without_rerank (all the candidates: same seed, same model)
+and retrieval accuracies of the reranker. The checker never picks samples.
 
 `--config=configs/vim.py:tiny` runs the class-conditional VIM instead of Parti
 (no vocabulary) and reports class_accuracy of its samples against the accuracy
@@ -22,6 +26,7 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
+from configs import contrastive as contrastive_configs
 from configs import parti as parti_configs
 from configs import vitvqgan
 from vimjax import encode
@@ -42,9 +47,14 @@ def _define_flags():
   flags.DEFINE_integer("parti_steps", 0, "0 = the tiny config's (VIM too).")
   flags.DEFINE_integer("num_prompts", 16, "Held-out prompts (Parti) or classes (VIM) to sample.")
   flags.DEFINE_integer("samples_per_prompt", 2, "Images per prompt or class.")
+  flags.DEFINE_integer("num_candidates", NUM_CANDIDATES, "Parti: samples drawn per prompt, "
+                       "reranked by the dual encoder; <= samples_per_prompt = no reranking.")
+  flags.DEFINE_integer("reranker_steps", 0, "0 = the tiny contrastive config's.")
 
 
 NUM_ENCODED = {"train": 10_000, "eval": 512}  # Shapes examples turned into tokens.
+# Reranking pays on shapes (BUILD_NOTES.md, "Reranking"): candidates per prompt.
+NUM_CANDIDATES = 8
 
 
 def derangement(n: int, seed: int = 0) -> np.ndarray:
@@ -85,12 +95,28 @@ def shuffled_class_accuracy(images: np.ndarray, labels: np.ndarray, seed: int = 
   return float(np.mean(shapes.classify_images(images) == labels[derangement(len(labels), seed)]))
 
 
+def train_reranker(workdir: str, config, steps: int = 0) -> dict:
+  """Trains the tiny dual encoder on the Parti config's tokens and vocabulary."""
+  rerank_config = contrastive_configs.get_config("tiny")
+  with rerank_config.unlocked():
+    rerank_config.tokenizer_workdir = config.tokenizer_workdir
+    rerank_config.data.source = config.data.source
+    rerank_config.data.text_tokenizer = config.data.text_tokenizer
+    if steps:
+      rerank_config.total_steps = steps
+  loop.train_and_evaluate(rerank_config, workdir)
+  return loop.evaluate_workdir(rerank_config, workdir)
+
+
 def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int = 0,
-        num_prompts: int = 16, samples_per_prompt: int = 2) -> dict:
+        num_prompts: int = 16, samples_per_prompt: int = 2,
+        num_candidates: int = NUM_CANDIDATES, reranker_steps: int = 0) -> dict:
   """Runs every stage under `workdir`; returns the final metrics.
 
   `config` is the stage-2 config (default: configs/parti.py:tiny); a `vim` one
-  trains the class-conditional VIM instead and scores class accuracy.
+  trains the class-conditional VIM instead and scores class accuracy. Parti
+  samples are reranked (the best samples_per_prompt of num_candidates) when
+  num_candidates > samples_per_prompt.
   """
   config = parti_configs.get_config("tiny") if config is None else config
   if config.task not in ("parti", "vim"):
@@ -125,14 +151,29 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
   stage2_train = loop.train_and_evaluate(config, stage2_dir)
   stage2_eval = loop.evaluate_workdir(config, stage2_dir)  # Also after a resumed, finished run.
 
-  logging.info("[5/5] Sampling.")
+  rerank = config.task == "parti" and num_candidates > samples_per_prompt
+  rerank_dir = os.path.join(workdir, "contrastive")
+  if rerank:
+    logging.info("[5/5] Training the reranker (tiny dual encoder), then sampling.")
+    rerank_eval = train_reranker(rerank_dir, config, reranker_steps)
+  else:
+    logging.info("[5/5] Sampling.")
   out = os.path.join(workdir, "samples.png")
   if config.task == "parti":
     prompts = held_out_prompts(num_prompts)
-    result = sample.sample_from_workdir(config, stage2_dir, prompts=prompts,
-                                        num_samples=samples_per_prompt, seed=0)
+    result = sample.sample_from_workdir(
+        config, stage2_dir, prompts=prompts, num_samples=samples_per_prompt, seed=0,
+        rerank_workdir=rerank_dir if rerank else None,
+        num_candidates=num_candidates if rerank else 0)
     scenes = [shapes.parse_caption(p) for p in prompts for _ in range(samples_per_prompt)]
     scores = prompt_scores(result["images"], scenes)
+    if rerank:
+      scores.update(prompt_adherence_without_rerank=result["candidate_prompt_adherence"],
+                    oracle_prompt_adherence=result["oracle_prompt_adherence"],
+                    num_candidates=num_candidates,
+                    reranker_image_to_text=rerank_eval["image_to_text"],
+                    reranker_text_to_image=rerank_eval["text_to_image"],
+                    reranker_chance=rerank_eval["chance"])
   else:
     class_ids = [i % config.model.num_classes for i in range(num_prompts)]
     result = sample.sample_from_workdir(config, stage2_dir, class_ids=class_ids,
@@ -160,7 +201,8 @@ def main(argv):
   f = flags.FLAGS
   result = run(f.workdir, f.config, tokenizer_steps=f.tokenizer_steps,
                parti_steps=f.parti_steps, num_prompts=f.num_prompts,
-               samples_per_prompt=f.samples_per_prompt)
+               samples_per_prompt=f.samples_per_prompt, num_candidates=f.num_candidates,
+               reranker_steps=f.reranker_steps)
   runtime.emit_result(result, flags.FLAGS.workdir, "demo_result")
 
 

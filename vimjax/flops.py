@@ -52,7 +52,7 @@ def train_batch_shapes(config, batch_size: int | None = None) -> dict[str, jax.S
   """Abstract global train batch of `config.task` (the fields its train step reads).
 
   Tokenizer: `image` float32 [b, S, S, 3], `label` int32 [b]. VIM: `tokens` int32
-  [b, grid_size^2], `label` int32 [b]. Parti: `tokens`, `text_ids` int32
+  [b, grid_size^2], `label` int32 [b]. Parti, contrastive: `tokens`, `text_ids` int32
   [b, max_text_length], `text_truncated` int32 [b]. All: `mask` int32 [b].
   """
   b = config.global_batch_size if batch_size is None else batch_size

@@ -10,6 +10,10 @@ tokens with the stage-1 tokenizer its config names (`tokenizer_workdir`).
          --no_cache (the uncached reference path: same seed, same tokens in
          float32; bfloat16 rounding can flip a near-tie token),
          --batch_size (images per sampling call, 0 = all), --warmup.
+  Parti reranking (as Parti: 16 samples per prompt, reranked by a contrastive
+  model): --rerank_workdir=W (a `task: contrastive` run, configs/contrastive.py)
+  --num_candidates=K samples K per prompt and keeps the --num_samples
+  best-scoring ones (best first; --num_samples=1 keeps the best).
 
 Writes the PNG grid (one row per prompt / class when num_samples <= 16, each
 tile captioned with its prompt or class name), the token ids next to it as
@@ -18,6 +22,9 @@ by condition) and prints a final JSON line {"out", "tokens", "num_images",
 "sec_per_image", ...}; for shapes prompts also `prompt_adherence` (the analytic
 checker of vimjax/data/shapes.py: exactly the prompt's cells occupied, each in
 its colour, as the demo scores it) and for VIM on shapes `class_accuracy`.
+With reranking, `prompt_adherence` is the kept samples'; `candidate_prompt_adherence`
+that of all K candidates (the same seed and model without reranking) and
+`oracle_prompt_adherence` the fraction of prompts with an adhering candidate.
 
 Sampling runs sharded on the workdir's mesh (config.mesh; override with
 --config.mesh.*): only the params (EMA ones when optimizer.ema_decay > 0) are
@@ -46,6 +53,7 @@ import orbax.checkpoint as ocp
 from vimjax import checkpoint
 from vimjax import errors
 from vimjax import parallel
+from vimjax import reranking
 from vimjax import runtime
 from vimjax import sampling
 from vimjax.data import shapes
@@ -194,12 +202,25 @@ def _shapes_metrics(config, conditions, num_samples, images) -> dict:
       return {}
     stacked = shapes.stack_scenes([s for s in scenes for _ in range(num_samples)])
     # As the demo scores it: the prompt's cells occupied, each in its colour.
-    return {"prompt_adherence": float(np.mean(
-        shapes.adherence(images, stacked, check_kind=False)))}
+    hits = np.asarray(shapes.adherence(images, stacked, check_kind=False), bool)
+    return {"prompt_adherence": float(np.mean(hits)),
+            # Prompts with at least one adhering sample: what a perfect reranker keeps.
+            "oracle_prompt_adherence": float(np.mean(hits.reshape(-1, num_samples).any(1)))}
   if conditions == [None] or not _is_shapes(config):
     return {}
   labels = np.repeat(np.asarray(conditions), num_samples)
   return {"class_accuracy": float(np.mean(shapes.classify_images(images) == labels))}
+
+
+def load_reranker(rerank_workdir: str, config, mesh, rules):
+  """(scorer: (tokens, text_ids) -> [b] scores, its TextTokenizer) of a contrastive workdir."""
+  rerank_config = checkpoint.load_workdir_config(rerank_workdir, "--rerank_workdir")
+  reranking.check_compatible(rerank_config, config, rerank_workdir)
+  model = tasks.TASKS[rerank_config.task].build_model(rerank_config)
+  params, _ = load_stage2_params(rerank_config, rerank_workdir, mesh, rules)
+  tokenizer = text.TextTokenizer(rerank_config.data.text_tokenizer,
+                                 rerank_config.model.max_text_length)
+  return reranking.make_scorer(model, params, parallel.replicated(mesh)), tokenizer
 
 
 def _host(x) -> np.ndarray:
@@ -213,7 +234,8 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
                         cfg_scale: float | None = None, temperature: float | None = None,
                         top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                         use_cache: bool | None = None, batch_size: int = 0,
-                        warmup: bool = False) -> dict:
+                        warmup: bool = False, rerank_workdir: str | None = None,
+                        num_candidates: int = 0) -> dict:
   """Samples and decodes images from a VIM/Parti workdir.
 
   Args:
@@ -230,6 +252,9 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
     batch_size: images per sampling call (0 = all at once); rounded up to a
       multiple of the data-parallel size.
     warmup: compile with one untimed call first.
+    rerank_workdir: a contrastive workdir (Parti only): sample `num_candidates`
+      per prompt and keep the `num_samples` best-scoring ones, best first.
+    num_candidates: candidates per prompt when reranking.
   Returns:
     dict: tokens int32 [N, n], images float32 [N, H, W, 3] in [0, 1],
     captions (N str), conditions, num_samples, step, sec_per_image, timing and
@@ -241,6 +266,15 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
                      f"needs a stage-2 workdir (task one of {STAGE2}).")
   if num_samples < 1:
     raise ValueError(f"--num_samples={num_samples} must be >= 1.")
+  if rerank_workdir:
+    if config.task != "parti":
+      raise ValueError(f"--rerank_workdir scores prompts; {config.task!r} has none (Parti only).")
+    if num_candidates < num_samples:
+      raise ValueError(f"--num_candidates={num_candidates} must be >= --num_samples="
+                       f"{num_samples} with --rerank_workdir.")
+  elif num_candidates:
+    raise ValueError(f"--num_candidates={num_candidates} needs --rerank_workdir=DIR.")
+  per_condition = num_candidates if rerank_workdir else num_samples
   if not config.tokenizer_workdir or not epath.Path(config.tokenizer_workdir).is_dir():
     raise ValueError(f"tokenizer_workdir={config.tokenizer_workdir!r} (from {workdir!r}'s "
                      "config) does not exist; pass --config.tokenizer_workdir=DIR.")
@@ -259,7 +293,7 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
     tok_config, tok_model, tok_params = load_tokenizer(config.tokenizer_workdir, mesh, rules)
     _check_compatible(config, model, tok_config, tok_model)
     params, step = load_stage2_params(config, workdir, mesh, rules)
-    rows = [c for c in conditions for _ in range(num_samples)]
+    rows = [c for c in conditions for _ in range(per_condition)]
     num_images = len(rows)
     dp = parallel.data_parallel_size(mesh)
     chunk = -(-(batch_size or num_images) // dp) * dp
@@ -295,16 +329,34 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
     decode_s = time.perf_counter() - start
     tokens = np.concatenate([_host(t) for t in token_chunks])[:num_images].astype(np.int32)
     images = np.concatenate([_host(x) for x in image_chunks])[:num_images]
+    if rerank_workdir:
+      score, rerank_tokenizer = load_reranker(rerank_workdir, config, mesh, rules)
+      prompt_ids = rerank_tokenizer.encode(padded)[0]
+      scores = np.concatenate([_host(score(t, jax.device_put(
+          prompt_ids[c * chunk:(c + 1) * chunk], batch_sharding)))
+                               for c, t in enumerate(token_chunks)])[:num_images]
   images = np.clip(images.astype(np.float32), 0.0, 1.0)
+  if rerank_workdir:
+    candidates = _shapes_metrics(config, conditions, per_condition, images)
+    kept = reranking.best_per_condition(scores, per_condition, num_samples)
+    tokens, images, num_images = tokens[kept], images[kept], len(kept)
+    extra.update(rerank_workdir=rerank_workdir, num_candidates=per_condition,
+                 rerank_scores=scores[kept].tolist())
+    if "prompt_adherence" in candidates:
+      extra["candidate_prompt_adherence"] = candidates["prompt_adherence"]
+      extra["oracle_prompt_adherence"] = candidates["oracle_prompt_adherence"]
   result = {
       "task": config.task, "step": int(step), "tokens": tokens, "images": images,
       "captions": [c for c in captions for _ in range(num_samples)],
       "conditions": conditions, "num_samples": num_samples, "num_images": num_images,
       "use_cache": use_cache, "seed": seed, **settings, **extra,
+      # Per kept image: with reranking it includes the discarded candidates.
       "sample_s": sample_s, "decode_s": decode_s, "sec_per_image": sample_s / num_images,
       "includes_compile": not warmup,
   }
-  result.update(_shapes_metrics(config, conditions, num_samples, images))
+  scores = _shapes_metrics(config, conditions, num_samples, images)
+  scores.pop("oracle_prompt_adherence", None)  # Only meaningful over the candidates.
+  result.update(scores)
   return result
 
 
@@ -343,6 +395,9 @@ def _define_flags():
   flags.DEFINE_integer("batch_size", 0, "Images per sampling call (0 = all at once).")
   flags.DEFINE_bool("warmup", False, "One untimed call first: sec_per_image without compile.")
   flags.DEFINE_string("out", "samples.png", "PNG grid path; tokens go next to it.")
+  flags.DEFINE_string("rerank_workdir", None, "Contrastive workdir that reranks Parti samples.")
+  flags.DEFINE_integer("num_candidates", 0, "Samples drawn per prompt when reranking; the "
+                       "--num_samples best are kept.")
 
 
 def warn_truncated(tokenizer, prompts: list[str]) -> int:
@@ -367,7 +422,8 @@ def main(argv):
     result = sample_from_workdir(
         f.config, f.workdir, prompts=prompts, class_ids=f.class_id, num_samples=f.num_samples,
         cfg_scale=f.cfg_scale, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-        seed=f.seed, use_cache=not f.no_cache, batch_size=f.batch_size, warmup=f.warmup)
+        seed=f.seed, use_cache=not f.no_cache, batch_size=f.batch_size, warmup=f.warmup,
+        rerank_workdir=f.rerank_workdir, num_candidates=f.num_candidates)
     summary = write_outputs(result, f.out)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None

@@ -1,8 +1,9 @@
 """Transformer building blocks shared by the tokenizer and the stage-2 models.
 
 Owns: LayerNorm (float32), MlpBlock, Attention (with an autoregressive
-key/value cache), TransformerBlock (pre-LN), TransformerStack (optionally
-scanned and rematerialised), and the causal / conv-shaped attention masks.
+key/value cache), TransformerBlock (pre-LN; sows its output for probes),
+TransformerStack (optionally scanned and rematerialised), `block_outputs`
+(the sown block outputs of a stack) and the causal / conv-shaped attention masks.
 
 Conventions:
   * Every parameter carries logical axis names from `parallel.LOGICAL_AXES`.
@@ -318,8 +319,11 @@ class TransformerBlock(nn.Module):
     h = norm(name="pre_mlp_norm")(x)
     h = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="mlp")(h, deterministic=deterministic)
-    x = x + dropout(h, deterministic=deterministic)
-    return _constrain(x)
+    x = _constrain(x + dropout(h, deterministic=deterministic))
+    # The block's output for probes (e.g. the VIM linear probe): kept only when
+    # "intermediates" is mutable in `apply`, a no-op otherwise.
+    self.sow("intermediates", "output", x)
+    return x
 
 
 def _scan_body(block, x, *args):
@@ -331,7 +335,8 @@ class TransformerStack(nn.Module):
 
   Params: unscanned -> "layers_0" ... "layers_{n-1}"; scanned -> one "layers"
   subtree with every leaf stacked on a leading axis named "layers". The decode
-  cache is stacked the same way when scanned.
+  cache and the blocks' sown "intermediates" (see `block_outputs`) are stacked
+  the same way when scanned.
   """
   num_layers: int
   num_heads: int
@@ -379,3 +384,19 @@ class TransformerStack(nn.Module):
       for i in range(self.num_layers):
         x = block(name=f"layers_{i}")(x, *args)
     return x
+
+
+def block_outputs(intermediates, num_layers: int) -> jax.Array:
+  """The sown outputs of a TransformerStack's blocks, scanned or not.
+
+  Args:
+    intermediates: the stack's subtree of the "intermediates" collection (from
+      `apply(..., mutable=["intermediates"])`), e.g. state["intermediates"]["decoder"].
+    num_layers: the stack's number of blocks.
+  Returns:
+    [num_layers, b, l, embed]: entry i is the output of block i + 1.
+  """
+  if "layers" in intermediates:  # Scanned: one entry, stacked on a leading layers axis.
+    (stacked,) = intermediates["layers"]["output"]
+    return stacked
+  return jnp.stack([intermediates[f"layers_{i}"]["output"][0] for i in range(num_layers)])

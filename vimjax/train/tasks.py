@@ -1,10 +1,11 @@
 """config.task -> the task's `build(config, mesh) -> loop.Task`."""
+from vimjax.train import contrastive
 from vimjax.train import parti
 from vimjax.train import tokenizer
 from vimjax.train import vim
 
 
-TASKS = {"tokenizer": tokenizer, "vim": vim, "parti": parti}
+TASKS = {"tokenizer": tokenizer, "vim": vim, "parti": parti, "contrastive": contrastive}
 
 
 def _module(config):
