@@ -238,5 +238,5 @@ def test_bad_optimizer_settings_fail_in_config_validation():
     config_lib.validate(config, 8)
   config = config_lib.override(vitvqgan.get_config("tiny"),
                                **{"optimizer.accumulation_steps": 0})
-  with pytest.raises(ValueError, match="optimizer.accumulation_steps=0 must be >= 1"):
+  with pytest.raises(ValueError, match=r"optimizer.accumulation_steps=0; valid: an integer >= 1"):
     config_lib.validate(config, 8)

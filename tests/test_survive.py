@@ -364,7 +364,7 @@ def test_binaries_print_one_line_errors_and_debug_shows_the_traceback(tmp_path):
   proc = _run(base + ["--config.foo=1"])
   assert proc.returncode == 1 and _error_lines(proc.stderr) == [
       "error: --config.foo: 'foo' is not a config key; valid keys at the top: "
-      "checkpoint_every_steps, data, disc_optimizer, discriminator, eval_every_steps, "
+      "checkpoint_every_steps, data, disc_optimizer, discriminator, eval, eval_every_steps, "
       "finetune_decoder_from, global_batch_size, keep_checkpoints, log_every_steps, loss, "
       "max_loss_ratio, mesh, model, num_eval_images, optimizer, peak_flops_per_device, seed, "
       "skip_nonfinite_updates, task, total_steps."]
