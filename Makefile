@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 # The whole test suite on 8 fake CPU devices (tests/conftest.py sets them).
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist=loadfile tests
+
+# The edit loop: no training runs, no binaries, no multi-process or libtpu compiles.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist=loadfile -m "not slow and not multiprocess and not libtpu" tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

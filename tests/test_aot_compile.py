@@ -19,6 +19,8 @@ from configs import vitvqgan
 from vimjax import aot_compile
 from vimjax import config_lib
 
+pytestmark = pytest.mark.libtpu
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMORY_FIELDS = ("argument_bytes", "output_bytes", "code_bytes", "total_bytes")
 

@@ -14,6 +14,8 @@ from configs import vitvqgan
 from vimjax import benchmark
 from vimjax.data import text
 
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_KEYS = ("step_time_s", "examples_per_sec", "tokens_per_sec", "flops_per_step",
               "flops_per_step_per_device", "compiled_flops_per_device",

@@ -31,6 +31,8 @@ from vimjax import config_lib
 from vimjax import errors
 from vimjax.train import preflight
 
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = {"tokenizer": vitvqgan.get_config("tiny"), "vim": vim.get_config("tiny")}
 # Stage 2 without encoded tokens: a valid-looking token source (the files are not read here).

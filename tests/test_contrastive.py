@@ -14,6 +14,8 @@ from vimjax.models import dual_encoder
 from vimjax.train import contrastive
 from vimjax.train import loop
 
+pytestmark = pytest.mark.slow
+
 GRID, VOCAB, TEXT_LEN = 4, 32, 8
 COLORS = ("red", "green", "blue", "yellow", "white", "black", "purple", "orange")
 

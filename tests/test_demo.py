@@ -11,6 +11,9 @@ from vimjax import encode  # pylint: disable=unused-import
 from vimjax import summary  # pylint: disable=unused-import
 from vimjax import train_vocab  # pylint: disable=unused-import
 from vimjax.data import shapes
+import pytest
+
+pytestmark = pytest.mark.slow
 
 
 def test_binaries_import_together_without_flag_clashes():

@@ -18,6 +18,8 @@ from vimjax.data import sources
 from vimjax.train import loop
 from vimjax.train import tokenizer
 
+pytestmark = pytest.mark.slow
+
 CODEBOOK, SIZE, GRID = 64, 32, 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

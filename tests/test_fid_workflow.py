@@ -27,6 +27,8 @@ from vimjax.models import inception
 from vimjax.train import loop
 from vimjax.train import tasks
 
+pytestmark = pytest.mark.slow
+
 IMAGE, PATCH, CODES = 16, 4, 64
 GRID = IMAGE // PATCH
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,6 +21,8 @@ from vimjax.train import loop
 from vimjax.train import tokenizer
 import test_train_tokenizer
 
+pytestmark = pytest.mark.slow
+
 # The source tokenizer: the micro config, no GAN (the fine-tune keeps one), EMA
 # on so that `encode` reads EMA weights, different from the raw ones.
 SOURCE = dict(total_steps=3, eval_every_steps=3, checkpoint_every_steps=3, log_every_steps=3,

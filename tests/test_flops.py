@@ -5,6 +5,9 @@ from configs import vim as vim_config
 from vimjax import flops
 from vimjax.data import sources
 from vimjax.train import loop
+import pytest
+
+pytestmark = pytest.mark.slow
 
 GRID, VOCAB = 4, 32
 

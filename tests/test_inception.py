@@ -18,6 +18,8 @@ from vimjax import parallel
 from vimjax.evaluation import inception_features
 from vimjax.models import inception
 
+pytestmark = pytest.mark.slow
+
 SIZE = inception.MIN_SIZE  # 75 px: the smallest input; 299 costs 16x more.
 # The smallest size at which the 8x8 (at 299) blocks Mixed_7b/7c are 3x3, not 1x1,
 # so their padded pools and (1, 3) convs matter: the reference comparison uses it.

@@ -16,6 +16,8 @@ from vimjax.models import transformer
 from vimjax.train import optimizers
 from vimjax.train import vim
 
+pytestmark = pytest.mark.slow
+
 LAYERS = 3
 
 

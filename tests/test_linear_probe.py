@@ -14,6 +14,8 @@ from vimjax.evaluation import linear_probe
 from vimjax.models import layers
 from vimjax.models import transformer
 
+pytestmark = pytest.mark.slow
+
 GRID, VOCAB, CLASSES = 4, 32, 4
 
 

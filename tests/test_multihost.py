@@ -30,6 +30,8 @@ from vimjax.data import sources
 from vimjax.train import loop
 from vimjax.train import tasks
 
+pytestmark = pytest.mark.multiprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 GRID, VOCAB, CLASSES = 4, 32, 4

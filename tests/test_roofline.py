@@ -12,6 +12,8 @@ import pytest
 from vimjax import aot_compile
 from vimjax import roofline
 
+pytestmark = pytest.mark.libtpu
+
 P = jax.sharding.PartitionSpec
 
 

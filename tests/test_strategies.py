@@ -24,6 +24,8 @@ from vimjax.train import tasks
 from vimjax.train import tokenizer
 from test_train_tokenizer import micro_config as tokenizer_micro_config
 
+pytestmark = pytest.mark.slow
+
 # The CPU backend's cheapest compile (2-3x faster here; same numerics within tolerance).
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 

@@ -27,6 +27,8 @@ from vimjax.train import guard
 from vimjax.train import loop
 from vimjax.train import state as state_lib
 
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
            JAX_PLATFORMS="cpu", PYTHONPATH=REPO)

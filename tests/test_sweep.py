@@ -16,6 +16,8 @@ from vimjax.sweep import launchers
 from vimjax.sweep import report
 from vimjax.sweep import spec
 
+pytestmark = pytest.mark.slow
+
 REPO = spec.REPO
 SIZES = (16, 32, 48, 64, 96, 128)
 

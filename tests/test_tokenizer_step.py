@@ -13,6 +13,8 @@ from vimjax.train import tokenizer
 
 import test_train_tokenizer
 
+pytestmark = pytest.mark.slow
+
 START, WARMUP, LR = 2, 4, 1e-3
 
 

@@ -19,6 +19,8 @@ from vimjax.train import autoregressive
 from vimjax.train import loop
 from vimjax.train import tasks
 
+pytestmark = pytest.mark.slow
+
 GRID, VOCAB, CLASSES, TEXT_LEN = 4, 32, 4, 8
 N = GRID * GRID
 COLORS = ("red", "green", "blue", "yellow")

@@ -19,6 +19,8 @@ from vimjax.train import loop
 from vimjax.train import tasks
 from vimjax.train import tokenizer
 
+pytestmark = pytest.mark.slow
+
 
 def micro_config(**overrides):
   """The tiny config shrunk further so a step compiles and runs in seconds."""
