@@ -19,13 +19,11 @@ each JAX process writes its own shards. An OUTPUT that already holds shards is
 refused unless --overwrite. Final line: {"output": ..., "num_examples":
 {split: n}, "shards": k}.
 """
-import argparse
 import glob
 import itertools
 import json
 import math
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -35,7 +33,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -231,15 +228,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # --config.* overrides are typed by the saved config, so load it before flags parse.
-  parser = argparse.ArgumentParser(add_help=False)
-  parser.add_argument("--tokenizer_workdir", required=True)
-  known, _ = parser.parse_known_args(sys.argv[1:])
-  try:
-    saved = load_tokenizer_config(known.tokenizer_workdir)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
   _define_flags()
-  config_flags.DEFINE_config_dict("config", saved)
+  runtime.define_config_from_workdir("tokenizer_workdir", load_tokenizer_config)
   flags.mark_flags_as_required(["tokenizer_workdir", "output"])
   errors.run(main)

@@ -12,12 +12,9 @@ the fid, sfid, inception_score (and precision / recall when the reference
 holds features) of `eval.num_images` samples against
 `--config.eval.fid_reference=REF.npz` (README "Evaluation protocol").
 """
-import argparse
-import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from vimjax import checkpoint
 from vimjax import config_lib
@@ -26,6 +23,13 @@ from vimjax import runtime
 from vimjax.train import loop
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (has config.json).")
+
+
+def _load_config(workdir):
+  saved = checkpoint.load_workdir_config(workdir)
+  if "eval" not in saved:  # Workdirs trained before the Inception metrics existed.
+    saved.eval = config_lib.eval_config(num_images=saved.num_eval_images)
+  return saved
 
 
 def main(argv):
@@ -41,15 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # --config.* overrides are typed by the saved config, so load it before flags parse.
-  parser = argparse.ArgumentParser(add_help=False)
-  parser.add_argument("--workdir", required=True)
-  known, _ = parser.parse_known_args(sys.argv[1:])
-  try:
-    saved = checkpoint.load_workdir_config(known.workdir)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
-  if "eval" not in saved:  # Workdirs trained before the Inception metrics existed.
-    saved.eval = config_lib.eval_config(num_images=saved.num_eval_images)
-  config_flags.DEFINE_config_dict("config", saved)
+  runtime.define_config_from_workdir("workdir", _load_config)
   errors.run(main)

@@ -11,14 +11,12 @@ through --config.data.source (image sources such as `shapes` or
 `tfds:imagenet2012` are tokenized by the config's tokenizer_workdir). Final JSON
 line: {"accuracy": {block: top-1}, "best_block", "chance", ...}.
 """
-import argparse
-import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from vimjax import checkpoint
+from vimjax import errors
 from vimjax import runtime
 from vimjax.evaluation import linear_probe
 
@@ -52,14 +50,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # --config.* overrides are typed by the workdir's saved config: load it first.
-  _parser = argparse.ArgumentParser(add_help=False)
-  _parser.add_argument("--workdir", default=None)
-  _known, _ = _parser.parse_known_args(sys.argv[1:])
-  try:
-    _saved = checkpoint.load_workdir_config(_known.workdir)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
   _define_flags()
-  config_flags.DEFINE_config_dict("config", _saved)
-  app.run(main)
+  runtime.define_config_from_workdir("workdir", checkpoint.load_workdir_config)
+  errors.run(main)

@@ -1,4 +1,5 @@
 """Start-up and result plumbing shared by the thin absl binaries."""
+import argparse
 import json
 import os
 import sys
@@ -7,6 +8,7 @@ from absl import flags
 from absl import logging
 from etils import epath
 import jax
+from ml_collections import config_flags
 
 COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for multi-process runs "
@@ -77,3 +79,20 @@ def emit_result(result: dict, workdir: str | None, name: str) -> None:
     (epath.Path(workdir) / f"{name}.json").write_text(line + "\n")
   sys.stdout.flush()
   print(line, flush=True)
+
+
+def define_config_from_workdir(workdir_flag: str, load) -> None:
+  """Defines --config as the config a workdir saved, read before absl parses flags.
+
+  `--config.*` overrides are typed by the saved config, so it must exist before
+  the flags are parsed. `load(workdir)` returns it; its ValueError (no workdir,
+  no config.json, wrong task) is a one-line error with exit code 1.
+  """
+  parser = argparse.ArgumentParser(add_help=False)
+  parser.add_argument(f"--{workdir_flag}", default=None)
+  known, _ = parser.parse_known_args(sys.argv[1:])
+  try:
+    saved = load(getattr(known, workdir_flag))
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  config_flags.DEFINE_config_dict("config", saved)

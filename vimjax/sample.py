@@ -31,7 +31,6 @@ Sampling runs sharded on the workdir's mesh (config.mesh; override with
 restored, straight into their shardings. `sec_per_image` includes compilation
 unless --warmup.
 """
-import argparse
 import functools
 import json
 import os
@@ -46,7 +45,6 @@ import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -431,14 +429,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # --config.* overrides are typed by the workdir's saved config: load it first.
-  _parser = argparse.ArgumentParser(add_help=False)
-  _parser.add_argument("--workdir", default=None)
-  _known, _ = _parser.parse_known_args(sys.argv[1:])
-  try:
-    _saved = checkpoint.load_workdir_config(_known.workdir)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
   _define_flags()
-  config_flags.DEFINE_config_dict("config", _saved)
+  runtime.define_config_from_workdir("workdir", checkpoint.load_workdir_config)
   errors.run(main)
