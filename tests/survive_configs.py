@@ -1,5 +1,5 @@
 """Smallest tokenizer config that trains through the real loop (survival tests)."""
-from configs import vitvqgan
+from vimjax.configs import vitvqgan
 from vimjax import config_lib
 
 

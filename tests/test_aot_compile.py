@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import parti
-from configs import vim
-from configs import vitvqgan
+from vimjax.configs import parti
+from vimjax.configs import vim
+from vimjax.configs import vitvqgan
 from vimjax import aot_compile
 from vimjax import config_lib
 

@@ -8,10 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from configs import parti as parti_config
-from configs import vim as vim_config
-from configs import vitvqgan
+from vimjax.configs import parti as parti_config
+from vimjax.configs import vim as vim_config
+from vimjax.configs import vitvqgan
 from vimjax import benchmark
+from vimjax import flops
+from vimjax import tasks
 from vimjax.data import text
 
 pytestmark = pytest.mark.slow
@@ -89,24 +91,24 @@ def _analytic_vim_train_flops(config) -> float:
 @pytest.mark.parametrize("scan", [False, True])
 def test_model_flops_count_every_layer(scan):
   config = _stage2("vim", **{"model.num_layers": 4, "model.scan_layers": scan})
-  batch = benchmark.synthetic_batch(config, config.global_batch_size)
-  model_flops = benchmark.model_flops_per_step(config, batch)
+  batch = tasks.get(config).synthetic_batch(config, config.global_batch_size, 0)
+  model_flops = flops.model_flops_per_step(tasks.get(config), config, batch)
   # Within 25% of the hand count, scanned or not (XLA counts a scanned body once).
   assert model_flops == pytest.approx(_analytic_vim_train_flops(config), rel=0.25)
 
 
 def test_synthetic_batches_match_the_task_inputs():
   parti = _stage2("parti")
-  batch = benchmark.synthetic_batch(parti, 8, seed=1)
+  batch = tasks.get(parti).synthetic_batch(parti, 8, seed=1)
   assert batch["tokens"].shape == (8, 16) and batch["tokens"].max() < 32
   ids = batch["text_ids"]
   assert ids.shape == (8, 12) and ids.dtype == np.int32 and ids.max() < 256
   for row in ids:  # Pieces, one EOS, then padding only.
     end = int(np.argmax(row == text.EOS_ID))
     assert (row[:end] > text.UNK_ID).all() and (row[end + 1:] == text.PAD_ID).all()
-  vim = benchmark.synthetic_batch(_stage2("vim"), 8)
+  vim = tasks.get(_stage2("vim")).synthetic_batch(_stage2("vim"), 8)
   assert set(vim) == {"tokens", "label", "mask"} and vim["label"].max() < 5
-  assert benchmark.tokens_per_example(parti) == 16
+  assert tasks.get(parti).tokens_per_example(parti) == 16
 
 
 @pytest.mark.parametrize("family", ["vim", "parti"])

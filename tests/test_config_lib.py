@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from configs import vitvqgan
+from vimjax.configs import vitvqgan
 from vimjax import config_lib
 
 

@@ -24,10 +24,11 @@ import jax
 from ml_collections import config_flags
 import pytest
 
-from configs import vim
-from configs import vitvqgan
+from vimjax.configs import vim
+from vimjax.configs import vitvqgan
 from vimjax import config_checks
 from vimjax import config_lib
+from vimjax import tasks
 from vimjax import errors
 from vimjax.train import preflight
 
@@ -37,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = {"tokenizer": vitvqgan.get_config("tiny"), "vim": vim.get_config("tiny")}
 # Stage 2 without encoded tokens: a valid-looking token source (the files are not read here).
 STAGE2_SOURCE = "array_record:/nonexistent/tokens-{split}-*.array_record"
-ENUMS = {"task": config_lib.TASKS, "model.quantizer": ("factorized", "fsq"),
+ENUMS = {"task": tuple(tasks.TASKS), "model.quantizer": ("factorized", "fsq"),
          "model.dtype": config_lib.COMPUTE_DTYPES, "model.param_dtype": ("float32", "bfloat16"),
          "model.remat_policy": ("none", "dots", "full"), "optimizer.name": (),
          "disc_optimizer.name": (), "optimizer.schedule": (), "disc_optimizer.schedule": (),

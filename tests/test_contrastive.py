@@ -5,13 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import contrastive as contrastive_config
+from vimjax.configs import contrastive as contrastive_config
 from vimjax import config_lib
 from vimjax import reranking
 from vimjax.data import sources
 from vimjax.data import text
 from vimjax.models import dual_encoder
-from vimjax.train import contrastive
+from vimjax.tasks import contrastive
 from vimjax.train import loop
 
 pytestmark = pytest.mark.slow

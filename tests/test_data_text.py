@@ -166,32 +166,32 @@ def test_training_errors(tmp_path):
 
 
 def test_train_vocab_refuses_to_overwrite(tmp_path):
-  from vimjax import train_vocab  # pylint: disable=g-import-not-at-top
+  from vimjax.data import vocab  # pylint: disable=g-import-not-at-top
   output = str(tmp_path / "out" / "spm")
-  result = train_vocab.run("shapes", "train", 100, 16000, output)
+  result = vocab.run("shapes", "train", 100, 16000, output)
   assert result["num_captions"] == 100 and result["model"] == output + ".model"
   mtime = os.path.getmtime(output + ".model")
   with pytest.raises(FileExistsError, match="spm.model.*--overwrite"):
-    train_vocab.run("shapes", "train", 100, 16000, output)
+    vocab.run("shapes", "train", 100, 16000, output)
   assert os.path.getmtime(output + ".model") == mtime
-  again = train_vocab.run("shapes", "train", 120, 50, output, overwrite=True)
+  again = vocab.run("shapes", "train", 120, 50, output, overwrite=True)
   assert again["num_captions"] == 120 and again["vocab_size"] == 50
 
 
 def test_train_vocab_source_without_captions(tmp_path, monkeypatch):
-  from vimjax import train_vocab  # pylint: disable=g-import-not-at-top
+  from vimjax.data import vocab  # pylint: disable=g-import-not-at-top
   # An image folder without .txt files: every caption is "".
   images = tmp_path / "images"
   images.mkdir()
   for name in ("a.png", "b.png"):
     (images / name).write_bytes(b"never decoded")
   with pytest.raises(ValueError, match=r"folder:.*split 'train' has no captions.*\(2 empty\)"):
-    train_vocab.run(f"folder:{images}", "train", 0, 100, str(tmp_path / "spm"))
+    vocab.run(f"folder:{images}", "train", 0, 100, str(tmp_path / "spm"))
   # Records without a caption field at all.
   no_captions = [{"tokens": np.zeros((4,), np.int32), "label": np.int32(0)}]
-  monkeypatch.setattr(train_vocab.sources, "make_source", lambda *a, **k: no_captions)
+  monkeypatch.setattr(vocab.sources, "make_source", lambda *a, **k: no_captions)
   with pytest.raises(ValueError, match=r"--source='recs' has no captions.*\['label', 'tokens'\]"):
-    train_vocab.run("recs", "train", 1, 100, str(tmp_path / "spm"))
+    vocab.run("recs", "train", 1, 100, str(tmp_path / "spm"))
   assert not os.path.exists(tmp_path / "spm.model")
 
 

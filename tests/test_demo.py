@@ -7,10 +7,10 @@ from vimjax import convert_weights  # pylint: disable=unused-import
 from vimjax import demo
 from vimjax import evaluate  # pylint: disable=unused-import
 from vimjax import fid  # pylint: disable=unused-import
-from vimjax import encode  # pylint: disable=unused-import
+from vimjax import encoding  # pylint: disable=unused-import
 from vimjax import summary  # pylint: disable=unused-import
-from vimjax import train_vocab  # pylint: disable=unused-import
 from vimjax.data import shapes
+from vimjax.data import vocab  # pylint: disable=unused-import
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_binaries_import_together_without_flag_clashes():
   # Flags of programs are defined under __main__ only (demo imports several).
-  assert demo.run and summary and encode and train_vocab and benchmark
+  assert demo.run and summary and encoding and vocab and benchmark
   assert fid.images_metrics and convert_inception.convert_state_dict and evaluate.main
   assert convert_weights.convert_state_dicts
 

@@ -9,14 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from configs import vim as vim_config
-from configs import vitvqgan
+from vimjax.configs import vim as vim_config
+from vimjax.configs import vitvqgan
 from vimjax import config_lib
-from vimjax import encode
+from vimjax import encoding
 from vimjax.data import pipeline
 from vimjax.data import sources
 from vimjax.train import loop
-from vimjax.train import tokenizer
+from vimjax.tasks import tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,9 @@ def tokenizer_workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def encoded(tokenizer_workdir, tmp_path_factory):
   output = str(tmp_path_factory.mktemp("tokens"))
-  config = encode.load_tokenizer_config(tokenizer_workdir)
+  config = encoding.load_tokenizer_config(tokenizer_workdir)
   # 12 examples in batches of 8: the padded last batch's 4 mask=0 rows are dropped.
-  result = encode.run(config, tokenizer_workdir, output, num_examples=12, examples_per_shard=5)
+  result = encoding.run(config, tokenizer_workdir, output, num_examples=12, examples_per_shard=5)
   return output, result
 
 
@@ -64,7 +64,7 @@ def test_tokens_equal_the_tokenizers_codes(tokenizer_workdir, encoded):
 
   # Reference: the generator restored independently (host numpy), unsharded, on the
   # source's images with the eval pipeline's preprocessing.
-  config = encode.load_tokenizer_config(tokenizer_workdir)
+  config = encoding.load_tokenizer_config(tokenizer_workdir)
   model = tokenizer.build_model(config)
   params, _ = tokenizer.load_pretrained(tokenizer_workdir)
   for split in ("train", "eval"):
@@ -103,11 +103,11 @@ def test_stage2_config_reads_the_shards(encoded):
 
 def test_refuses_existing_output_and_the_binary_overwrites(tokenizer_workdir, encoded, tmp_path):
   output, _ = encoded
-  config = encode.load_tokenizer_config(tokenizer_workdir)
+  config = encoding.load_tokenizer_config(tokenizer_workdir)
   with pytest.raises(ValueError, match=r"already holds 6 token shards; pass --overwrite"):
-    encode.run(config, tokenizer_workdir, output, num_examples=4)
+    encoding.run(config, tokenizer_workdir, output, num_examples=4)
   with pytest.raises(ValueError, match="has no config.json"):
-    encode.load_tokenizer_config(str(tmp_path))
+    encoding.load_tokenizer_config(str(tmp_path))
 
   out = subprocess.run(
       [sys.executable, "-m", "vimjax.encode", f"--tokenizer_workdir={tokenizer_workdir}",

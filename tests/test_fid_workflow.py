@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import parti as parti_config
-from configs import vim as vim_config
-from configs import vitvqgan
+from vimjax.configs import parti as parti_config
+from vimjax.configs import vim as vim_config
+from vimjax.configs import vitvqgan
 from vimjax import config_lib
 from vimjax import parallel
 from vimjax.data import shapes
@@ -25,7 +25,7 @@ from vimjax.evaluation import generative
 from vimjax.evaluation import inception_metrics
 from vimjax.models import inception
 from vimjax.train import loop
-from vimjax.train import tasks
+from vimjax import tasks
 
 pytestmark = pytest.mark.slow
 

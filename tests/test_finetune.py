@@ -15,10 +15,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from vimjax import checkpoint
-from vimjax import encode
+from vimjax import encoding
 from vimjax import parallel
 from vimjax.train import loop
-from vimjax.train import tokenizer
+from vimjax.tasks import tokenizer
 import test_train_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -49,12 +49,12 @@ def _usage_ema(workdir):
 
 def _codes(workdir, images):
   """The ids `python -m vimjax.encode` writes for `images` with `workdir`'s tokenizer."""
-  config = encode.load_tokenizer_config(workdir)
+  config = encoding.load_tokenizer_config(workdir)
   mesh = parallel.create_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh)
   model = tokenizer.build_model(config)
   with jax.set_mesh(mesh):
-    params, _ = encode.restore_generator(config, workdir, mesh, rules)
+    params, _ = encoding.restore_generator(config, workdir, mesh, rules)
     params = jax.tree.map(np.asarray, jax.device_get(params))
   codes = model.apply({"params": params}, images, train=False, method="encode")[1]["codes"]
   return np.asarray(codes), params

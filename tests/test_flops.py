@@ -1,8 +1,9 @@
 """Model FLOPs: the one count the loop, the benchmark and aot_compile report."""
 import numpy as np
 
-from configs import vim as vim_config
+from vimjax.configs import vim as vim_config
 from vimjax import flops
+from vimjax import tasks
 from vimjax.data import sources
 from vimjax.train import loop
 import pytest
@@ -31,10 +32,10 @@ def test_loop_reports_model_flops_of_a_scanned_config(tmp_path):
          for i in range(16)))
   source = f"array_record:{tmp_path}/tokens-{{split}}-*.array_record"
   scanned = _vim_config(source, scan_layers=True, remat_policy="none")
-  analytic = flops.model_flops_per_step(scanned)
+  analytic = flops.model_flops_per_step(tasks.get(scanned), scanned)
   # Scan and remat change neither the model nor its count.
   unrolled = _vim_config(source, scan_layers=False, remat_policy="full")
-  assert analytic == flops.model_flops_per_step(unrolled) > 0
+  assert analytic == flops.model_flops_per_step(tasks.get(unrolled), unrolled) > 0
   result = loop.train_and_evaluate(scanned, str(tmp_path / "work"))
   assert result["flops_per_step"] == analytic
   assert result["flops_per_step_per_device"] * 8 == analytic
@@ -42,13 +43,14 @@ def test_loop_reports_model_flops_of_a_scanned_config(tmp_path):
   assert result["compiled_flops_per_device"] * 8 < 0.8 * analytic
 
 
-def test_default_batch_shapes_match_the_benchmarks_synthetic_batches():
-  from configs import parti as parti_config  # pylint: disable=g-import-not-at-top
-  from configs import vitvqgan  # pylint: disable=g-import-not-at-top
-  from vimjax import benchmark  # pylint: disable=g-import-not-at-top
+def test_batch_specs_match_the_synthetic_batches():
+  from vimjax.configs import contrastive  # pylint: disable=g-import-not-at-top
+  from vimjax.configs import parti as parti_config  # pylint: disable=g-import-not-at-top
+  from vimjax.configs import vitvqgan  # pylint: disable=g-import-not-at-top
   for config in (vitvqgan.get_config("tiny"), _vim_config("unused"),
-                 parti_config.get_config("tiny")):
-    real = benchmark.synthetic_batch(config, config.global_batch_size)
-    shapes = flops.train_batch_shapes(config)
+                 parti_config.get_config("tiny"), contrastive.get_config("tiny")):
+    task = tasks.get(config)
+    real = task.synthetic_batch(config, config.global_batch_size, 0)
+    shapes = task.batch_spec(config, config.global_batch_size)
     assert {k: (v.shape, v.dtype) for k, v in real.items()} == {
         k: (v.shape, v.dtype) for k, v in shapes.items()}, config.task

@@ -9,12 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from configs import vim as vim_config
+from vimjax.configs import vim as vim_config
 from vimjax import config_lib
 from vimjax.models import layers
 from vimjax.models import transformer
 from vimjax.train import optimizers
-from vimjax.train import vim
+from vimjax.tasks import vim
 
 pytestmark = pytest.mark.slow
 

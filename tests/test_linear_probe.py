@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import vim as vim_config
+from vimjax.configs import vim as vim_config
 from vimjax import checkpoint
 from vimjax import config_lib
 from vimjax import parallel

@@ -23,12 +23,12 @@ import pytest
 from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.util import tensor_util
 
-from configs import vim as vim_config
+from vimjax.configs import vim as vim_config
 from vimjax import checkpoint
 from vimjax import parallel
 from vimjax.data import sources
 from vimjax.train import loop
-from vimjax.train import tasks
+from vimjax import tasks
 
 pytestmark = pytest.mark.multiprocess
 

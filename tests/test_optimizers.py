@@ -94,7 +94,7 @@ def _reference_schedule(opt, total_steps):
 
 
 def _paper_optimizers():
-  from configs import parti, vim, vitvqgan  # pylint: disable=g-import-not-at-top
+  from vimjax.configs import parti, vim, vitvqgan  # pylint: disable=g-import-not-at-top
   return {"parti_350m": parti.get_config("350m"), "vim_base": vim.get_config("base"),
           "vitvqgan_bb": vitvqgan.get_config("bb")}
 
@@ -231,7 +231,7 @@ def test_adafactor_uses_b2_and_decoupled_decay():
 
 
 def test_bad_optimizer_settings_fail_in_config_validation():
-  from configs import vitvqgan  # pylint: disable=g-import-not-at-top
+  from vimjax.configs import vitvqgan  # pylint: disable=g-import-not-at-top
   from vimjax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.override(vitvqgan.get_config("tiny"), **{"disc_optimizer.name": "adam"})
   with pytest.raises(ValueError, match="optimizer.name='adam' with weight_decay=0.0001"):

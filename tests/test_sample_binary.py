@@ -12,20 +12,20 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import contrastive as contrastive_config
-from configs import parti as parti_config
-from configs import vim as vim_config
-from configs import vitvqgan
+from vimjax.configs import contrastive as contrastive_config
+from vimjax.configs import parti as parti_config
+from vimjax.configs import vim as vim_config
+from vimjax.configs import vitvqgan
 from vimjax import checkpoint
 from vimjax import config_lib
 from vimjax import parallel
-from vimjax import sample
+from vimjax import generate
 from vimjax.data import shapes
 from vimjax.data import sources
 from vimjax.data import text
 from vimjax.models import dual_encoder
 from vimjax.train import loop
-from vimjax.train import tasks
+from vimjax import tasks
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def workdirs(tmp_path_factory):
 
 
 def _sample(workdir, **kwargs):
-  return sample.sample_from_workdir(checkpoint.load_workdir_config(workdir), workdir, **kwargs)
+  return generate.sample_from_workdir(checkpoint.load_workdir_config(workdir), workdir, **kwargs)
 
 
 def test_parti_cached_equals_uncached_and_outputs(workdirs, tmp_path):
@@ -111,7 +111,7 @@ def test_parti_cached_equals_uncached_and_outputs(workdirs, tmp_path):
   assert not np.array_equal(other["tokens"], cached["tokens"])
 
   out = str(tmp_path / "grid.png")
-  summary = sample.write_outputs(cached, out)
+  summary = generate.write_outputs(cached, out)
   assert summary["out"] == out and summary["tokens"] == str(tmp_path / "grid_tokens.npy")
   np.testing.assert_array_equal(np.load(summary["tokens"]), cached["tokens"])
   png = np.asarray(Image.open(out))
@@ -145,12 +145,12 @@ def test_bad_requests_fail_with_one_line_errors(workdirs, tmp_path):
   config = checkpoint.load_workdir_config(workdirs["vim"])
   config.tokenizer_workdir = str(tmp_path / "nope")
   with pytest.raises(ValueError, match="tokenizer_workdir=.*does not exist"):
-    sample.sample_from_workdir(config, workdirs["vim"], class_ids=[0])
-  with pytest.raises(ValueError, match="sampling needs a stage-2 workdir"):
+    generate.sample_from_workdir(config, workdirs["vim"], class_ids=[0])
+  with pytest.raises(ValueError, match="needs a model that samples image tokens"):
     _sample(workdirs["tokenizer"])
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a red circle at the top\n\n  a blue square at the left \n")
-  assert sample.read_prompts(["x"], str(prompts)) == [
+  assert generate.read_prompts(["x"], str(prompts)) == [
       "x", "a red circle at the top", "a blue square at the left"]
 
 
@@ -196,7 +196,7 @@ def test_rerank_keeps_the_best_scoring_candidate(workdirs):
   mesh = parallel.create_mesh(clip.mesh)
   rules = parallel.rules_from_config(clip.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params, _ = sample.load_stage2_params(clip, clip_dir, mesh, rules)
+    params, _ = generate.load_stage2_params(clip, clip_dir, mesh, rules)
     ids = text.TextTokenizer(workdirs["spm"], TEXT_LEN).encode(
         [p for p in PROMPTS for _ in range(4)])[0]
     scores = np.asarray(dual_encoder.similarity(model, params, jnp.asarray(plain["tokens"]),

@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import parti as parti_config
-from configs import vim as vim_config
-from configs import vitvqgan
+from vimjax.configs import parti as parti_config
+from vimjax.configs import vim as vim_config
+from vimjax.configs import vitvqgan
 from vimjax import config_lib
 from vimjax.data import shapes
 from vimjax.train import optimizers
-from vimjax.train import tasks
+from vimjax import tasks
 
 FAMILIES = {"vim": vim_config, "parti": parti_config}
 ALL = [(name, v) for name, mod in FAMILIES.items() for v in mod.VARIANTS]

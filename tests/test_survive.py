@@ -17,7 +17,7 @@ from PIL import ImageFont
 import pytest
 
 from survive_configs import fast_config
-from configs import vitvqgan
+from vimjax.configs import vitvqgan
 from vimjax import checkpoint
 from vimjax import config_lib
 from vimjax import errors
@@ -413,7 +413,7 @@ def test_long_captions_are_cut_to_a_few_lines():
 
 
 def test_truncated_prompts_are_named_in_a_warning(capsys):
-  from vimjax import sample  # pylint: disable=g-import-not-at-top
+  from vimjax import generate  # pylint: disable=g-import-not-at-top
 
   class Tokenizer:
     max_length = 32
@@ -421,7 +421,7 @@ def test_truncated_prompts_are_named_in_a_warning(capsys):
     def encode(self, texts):
       return None, sum(len(t) > 40 for t in texts)
 
-  assert sample.warn_truncated(Tokenizer(), ["short", "z" * 10_000]) == 1
+  assert generate.warn_truncated(Tokenizer(), ["short", "z" * 10_000]) == 1
   err = capsys.readouterr().err
   assert "1 prompt(s) are longer than model.max_text_length=32 tokens" in err
   assert "'" + "z" * 40 + "...'" in err

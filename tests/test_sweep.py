@@ -116,8 +116,8 @@ def test_pareto_frontier():
 # Parameter counts.
 
 def test_non_embedding_params_match_a_hand_count():
-  from configs import parti  # pylint: disable=g-import-not-at-top
-  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from vimjax.configs import parti  # pylint: disable=g-import-not-at-top
+  from vimjax import tasks  # pylint: disable=g-import-not-at-top
   config = parti.get_config("tiny")
   m = config.model
   d, mlp = m.emb_dim, m.mlp_dim
@@ -136,8 +136,8 @@ def test_non_embedding_params_match_a_hand_count():
 
 def test_flops_per_token_match_the_6n_rule():
   """VIM tiny: 6 (matmul params) per token + 12 L n d for attention (fwd + bwd), within 5%."""
-  from configs import vim  # pylint: disable=g-import-not-at-top
-  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from vimjax.configs import vim  # pylint: disable=g-import-not-at-top
+  from vimjax import tasks  # pylint: disable=g-import-not-at-top
   config = vim.get_config("tiny")
   m = config.model
   got = model_stats.summarize(config, with_flops=True)
@@ -209,7 +209,7 @@ def test_broken_trials_are_reported_and_excluded(tmp_path):
   workdir = str(tmp_path / "w")
   trials = spec.trials(sweep, workdir)
   spec.write_manifest(sweep, workdir, path, trials)
-  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from vimjax import tasks  # pylint: disable=g-import-not-at-top
   good = trials[:len(SIZES)]
   for trial in good:  # Losses on an exact law of the non-embedding count.
     n = model_stats.count_non_embedding_params(tasks.abstract_params(spec.trial_config(sweep, trial)))
@@ -250,7 +250,7 @@ def test_n_and_d_swept_fit_both_laws_and_the_frontier(tmp_path):
   trials = spec.trials(sweep, workdir)
   assert len(trials) == 20 and trials[1].name == "001-d16-total_steps=80"
   spec.write_manifest(sweep, workdir, str(path), trials)
-  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from vimjax import tasks  # pylint: disable=g-import-not-at-top
   counts = {}
   for trial in trials:
     config = spec.trial_config(sweep, trial)

@@ -8,8 +8,8 @@ import pytest
 from vimjax import flops
 from vimjax import parallel
 from vimjax.train import loop
-from vimjax.train import tasks
-from vimjax.train import tokenizer
+from vimjax import tasks
+from vimjax.tasks import tokenizer
 
 import test_train_tokenizer
 
@@ -86,12 +86,12 @@ def test_lecam_uses_this_steps_updated_emas(run):
 
 def test_mfu_counts_the_gan_flops_only_in_the_gan_phase():
   config = _config()
-  phases = flops.model_flops_by_phase(config)
+  phases = flops.model_flops_by_phase(tasks.get(config), config)
   (s0, before), (s1, during) = phases
   assert (s0, s1) == (0, START) and 0 < before < during
   no_gan = test_train_tokenizer.micro_config(**{"loss.adversarial_weight": 0.0})
-  assert before == flops.model_flops_per_step(no_gan)
-  assert during == flops.model_flops_per_step(config)
+  assert before == flops.model_flops_per_step(tasks.get(no_gan), no_gan)
+  assert during == flops.model_flops_per_step(tasks.get(config), config)
   # A logging window straddling the start: steps 0..3 = 2 without, 2 with the GAN.
   assert flops.flops_between(phases, 0, 4) == 2 * before + 2 * during
   assert flops.flops_between(phases, 3, 5) == 2 * during

@@ -8,16 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import parti as parti_config
-from configs import vim as vim_config
+from vimjax.configs import parti as parti_config
+from vimjax.configs import vim as vim_config
 from vimjax import config_lib
 from vimjax import parallel
 from vimjax.data import pipeline
 from vimjax.data import sources
 from vimjax.data import text
-from vimjax.train import autoregressive
+from vimjax.tasks import autoregressive
 from vimjax.train import loop
-from vimjax.train import tasks
+from vimjax import tasks
 
 pytestmark = pytest.mark.slow
 

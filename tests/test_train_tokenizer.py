@@ -10,14 +10,14 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from configs import vitvqgan
+from vimjax.configs import vitvqgan
 from vimjax import checkpoint
 from vimjax import config_lib
 from vimjax import parallel
 from vimjax import summary
 from vimjax.train import loop
-from vimjax.train import tasks
-from vimjax.train import tokenizer
+from vimjax import tasks
+from vimjax.tasks import tokenizer
 
 pytestmark = pytest.mark.slow
 

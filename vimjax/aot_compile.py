@@ -38,23 +38,17 @@ holds the roofline's parts (compute_s, collective_s, bytes by collective kind).
 
 The mesh, batch and everything else come from the config; override as usual,
 e.g. --config.mesh.fsdp=64 --config.mesh.tensor=8 --config.global_batch_size=2048.
-Runs on CPU (JAX_PLATFORMS=cpu is set unless given); libtpu must be installed
-(`pip install -e .[tpu]`).
+Run as a program it compiles on CPU (it sets JAX_PLATFORMS=cpu unless given,
+before jax starts); libtpu must be installed (`pip install -e .[tpu]`).
 """
 import dataclasses
 import importlib.util
 import os
 import re
-import tempfile
 import time
 from typing import Any
 
-# Compile-only use of libtpu: never probe for a local TPU, and allow other
-# processes (tests, a second aot_compile) to load libtpu at the same time.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
 from absl import flags
 from absl import logging
 from etils import epath
@@ -62,19 +56,15 @@ import flax.linen as nn
 import jax
 from jax.experimental import topologies
 import numpy as np
-from ml_collections import config_flags
 
-from vimjax import benchmark
-from vimjax import config_lib
 from vimjax import errors
 from vimjax import flops
 from vimjax import parallel
 from vimjax import roofline
 from vimjax import runtime
-from vimjax import sampling
-from vimjax.models import perceptual
+from vimjax import tasks
+from vimjax.perf import synthetic
 from vimjax.train import loop
-from vimjax.train import tasks
 
 MODES = ("train", "sample", "both")
 GIB = 1024 ** 3
@@ -114,6 +104,8 @@ def topology_devices(topology: str):
   if importlib.util.find_spec("libtpu") is None:
     raise ValueError(f"--topology={topology!r} needs libtpu, which is not installed: "
                      "pip install -e .[tpu] (it compiles on CPU; no TPU is needed).")
+  # Allow other processes (tests, a second aot_compile) to load libtpu at the same time.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   spec = CHIPS[chip]
   dims3 = dims + (1,) * (3 - len(dims))
   # Hosts hold 2x2 chips (2x1 / 1x1 for the smallest slices); full tori wrap.
@@ -132,31 +124,6 @@ def topology_devices(topology: str):
     raise ValueError(f"libtpu rejected --topology={topology!r} ({first}); valid: "
                      f"{TOPOLOGY_FORMS}, with slice sizes Cloud TPU offers.") from None
   return chip, list(desc.devices)
-
-
-def _ensure_lpips_weights(config) -> None:
-  """The tokenizer's perceptual loss loads VGG weights: zeros stand in (same shapes)."""
-  if config.task != "tokenizer" or config.loss.perceptual_weight <= 0:
-    return
-  path = config.loss.perceptual_weights
-  if path and ("://" in path or os.path.exists(path)):
-    return
-  out = os.path.join(tempfile.mkdtemp(prefix="vimjax_aot_lpips_"), "lpips.npz")
-  np.savez(out, **{k: np.zeros(s, np.float32)
-                   for k, s in perceptual.expected_param_shapes().items()})
-  logging.info("loss.perceptual_weights=%r does not exist; zeros of the same shapes stand in "
-               "(%s): only shapes matter to the compiler.", path, out)
-  config.loss.perceptual_weights = out
-
-
-def prepare_config(config, num_devices: int, num_processes: int) -> None:
-  """Synthetic data and throwaway vocab/LPIPS files stand in; validates for the slice."""
-  if config.task in benchmark.STAGE2:
-    config.data.source = benchmark.SYNTHETIC_SOURCE
-  if config.task == "parti":
-    benchmark._ensure_text_tokenizer(config)  # pylint: disable=protected-access
-  _ensure_lpips_weights(config)
-  config_lib.validate(config, num_devices, num_processes)
 
 
 def strategy(config, mesh) -> str:
@@ -254,24 +221,17 @@ def _compile_train(config, devices):
   mesh = parallel.create_mesh(config.mesh, devices)
   rules = parallel.rules_from_config(config.mesh)
   # Built off-mesh: concrete constants must not be placed on compile-only devices.
-  task = tasks.build(config, mesh)
+  task = tasks.get(config)
+  built = task.build(config, mesh)
   rng = jax.random.key(config.seed)
   abstract_rng = jax.eval_shape(lambda: jax.random.key(0))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state, shardings = loop.state_shardings(task, mesh, rules, rng)
-    step = loop.jit_train_step(task, shardings, mesh)
-    compiled, seconds = _compile(step.lower(state, flops.train_batch_shapes(config),
-                                            abstract_rng, _abstract(task.frozen)))
+    state, shardings = loop.state_shardings(built, mesh, rules, rng)
+    step = loop.jit_train_step(built, shardings, mesh)
+    batch = task.batch_spec(config, config.global_batch_size)
+    compiled, seconds = _compile(step.lower(state, batch, abstract_rng,
+                                            _abstract(built.frozen)))
   return compiled, state, mesh, seconds
-
-
-# The layer-count keys of each task's scanned stacks (under config.model).
-LAYER_KEYS = {
-    "tokenizer": ("encoder.num_layers", "decoder.num_layers"),
-    "vim": ("num_layers",),
-    "parti": ("encoder_layers", "decoder_layers"),
-    "contrastive": ("image_layers", "text_layers"),
-}
 
 
 def _model_node(model, key: str):
@@ -308,7 +268,7 @@ def estimate_step_time(config, devices, compiled) -> tuple[float | None, str]:
   if not config.model.scan_layers:
     seconds = optimal_seconds(compiled)
     return seconds, "compiler" if seconds else unavailable
-  keys = LAYER_KEYS[config.task]
+  keys = tasks.get(config).LAYER_KEYS
   ones = {k: 1 for k in keys}
   base = _probe_seconds(config, devices, ones)
   if base is None:
@@ -330,7 +290,7 @@ def roofline_estimate(config, hlo_text: str, mesh, chip: str, peak: float,
   coords = np.array([d.coords for d in mesh.devices.flat])
   colls = roofline.collectives(hlo_text, mesh.size, coords)
   executed = (model_flops if config.model.remat_policy == "none"
-              else flops.model_flops_per_step(config, executed=True))
+              else flops.model_flops_per_step(tasks.get(config), config, executed=True))
   return roofline.estimate(model_flops=model_flops, executed_flops=executed,
                            num_chips=mesh.size, peak_flops=peak, colls=colls, chip=chip)
 
@@ -346,7 +306,7 @@ def aot_train(config, devices, chip: str, hbm_bytes: int, peak: float, estimate:
     (epath.Path(hlo_dir) / "train_step.hlo.txt").write_text(hlo_text)
   logging.info("Compiled the train step in %.1f s%s.", compile_s,
                " (does not fit)" if oom else "")
-  model_flops = flops.model_flops_per_step(config)
+  model_flops = flops.model_flops_per_step(tasks.get(config), config)
   chips = len(devices)
   rl = None if oom else roofline_estimate(config, hlo_text, mesh, chip, peak, model_flops)
   if oom:
@@ -377,25 +337,15 @@ def aot_sample(config, devices, hbm_bytes: int, batch_size: int) -> dict:
   rules = parallel.rules_from_config(config.mesh)
   dp = parallel.data_parallel_size(mesh)
   batch_size = batch_size or dp
-  task = tasks.build(config, mesh)
-  model = tasks.TASKS[config.task].build_model(config)
-  s = config.sampling
-  kwargs = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                cfg_scale=s.cfg_scale, use_cache=s.use_cache)
-  if config.task == "vim":
-    if not model.num_classes:
-      kwargs["cfg_scale"] = 1.0  # Guidance needs classes.
-    cond = jax.ShapeDtypeStruct((batch_size,), np.int32)
-    sample = lambda params, labels, rng: sampling.sample_vim(
-        model, params, labels if model.num_classes else None, rng=rng,
-        batch_size=batch_size, **kwargs)
-  else:
-    cond = jax.ShapeDtypeStruct((batch_size, model.max_text_length), np.int32)
-    sample = lambda params, text_ids, rng: sampling.sample_parti(
-        model, params, text_ids, rng=rng, **kwargs)
+  task = tasks.get_sampling(config, "--mode=sample: --config")
+  built = task.build(config, mesh)
+  model = task.build_model(config)
+  settings = task.sampling_settings(config)
+  sample = task.make_sampler(config, model, batch_size=batch_size)
+  cond = task.condition_spec(config, batch_size)
   rng = jax.random.key(config.seed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state, shardings = loop.state_shardings(task, mesh, rules, rng)
+    state, shardings = loop.state_shardings(built, mesh, rules, rng)
     repl = parallel.replicated(mesh)
     cond_sharding = parallel.batch_sharding(mesh) if batch_size % dp == 0 else repl
     fn = jax.jit(sample, in_shardings=(shardings.params["model"], cond_sharding, repl))
@@ -408,7 +358,7 @@ def aot_sample(config, devices, hbm_bytes: int, batch_size: int) -> dict:
       "compile_s": compile_s,
       **(oom_memory(compiled, hbm_bytes) if oom else memory(compiled, hbm_bytes)),
       "sample_batch_size": batch_size, "tokens_per_image": model.num_tokens,
-      "cfg_scale": float(kwargs["cfg_scale"]), "use_cache": bool(kwargs["use_cache"]),
+      "cfg_scale": settings["cfg_scale"], "use_cache": settings["use_cache"],
       "estimated_step_time_s": None,
       "step_time_source": "unavailable: the cost model gives no time for the decode loop",
   }
@@ -420,14 +370,14 @@ def run(config, *, topology: str, mode: str = "both", sample_batch_size: int = 0
   """The proof of fit the flags describe; returns the result dict (see the docstring)."""
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r}; valid: {MODES}.")
-  if mode == "sample" and config.task not in benchmark.STAGE2:
-    raise ValueError(f"--mode=sample needs a vim or parti config; task={config.task!r}.")
+  if mode == "sample":
+    tasks.get_sampling(config, "--mode=sample: --config")
   if sample_batch_size < 0 or hbm_gib < 0:
     raise ValueError(f"--sample_batch_size={sample_batch_size} and --hbm_gib={hbm_gib} "
                      "must be >= 0.")
   chip, devices = topology_devices(topology)
   num_hosts = len({d.process_index for d in devices})
-  prepare_config(config, len(devices), num_hosts)
+  synthetic.prepare_config(config, len(devices), num_hosts)
   hbm_bytes = int(hbm_gib * GIB) if hbm_gib else CHIPS[chip].hbm_bytes
   kind = devices[0].device_kind
   peak = config.peak_flops_per_device or flops.KNOWN_PEAKS[kind]
@@ -439,7 +389,7 @@ def run(config, *, topology: str, mode: str = "both", sample_batch_size: int = 0
       "strategy": strategy(config, mesh), "global_batch_size": config.global_batch_size,
   }
   modes = [m for m in ("train", "sample") if mode in (m, "both")]
-  if config.task not in benchmark.STAGE2:
+  if tasks.get(config).make_sampler is None:
     modes = [m for m in modes if m == "train"]
   if "train" in modes:
     result["train"] = aot_train(config, devices, chip, hbm_bytes, peak, estimate_step_time_,
@@ -453,7 +403,7 @@ def run(config, *, topology: str, mode: str = "both", sample_batch_size: int = 0
 
 def _define_flags():
   """Flags of the binary (defined only when run as a program: --config is shared)."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].")
+  runtime.define_config_file()
   flags.DEFINE_string("topology", None, f"TPU slice: {TOPOLOGY_FORMS}.")
   flags.DEFINE_enum("mode", "both", MODES, "What to compile (tokenizer configs: train).")
   flags.DEFINE_integer("sample_batch_size", 0, "Images per sampling call "
@@ -484,5 +434,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Compile-only use of libtpu: never probe for a local TPU (before jax starts a backend).
+  if not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")
   _define_flags()
   errors.run(main)

@@ -30,8 +30,6 @@ Any config field can be overridden, e.g. a ~60M-param Parti:
     --config.model.encoder_layers=8 --config.model.decoder_layers=8 \
     --config.global_batch_size=8 --steps=3
 """
-import os
-import tempfile
 import time
 
 from absl import app
@@ -41,91 +39,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import config_flags
 
-from vimjax import config_lib
 from vimjax import errors
 from vimjax import flops
 from vimjax import parallel
 from vimjax import runtime
-from vimjax import sampling
+from vimjax import tasks
 from vimjax.data import pipeline
-from vimjax.data import shapes
-from vimjax.data import text
+from vimjax.perf import synthetic
 from vimjax.train import loop
-from vimjax.train import tasks
 
 MODES = ("train", "sample")
-STAGE2 = ("vim", "parti")
-SYNTHETIC_SOURCE = "synthetic"  # Stands in for data.source: batches are made here.
-
-
-
-def tokens_per_example(config) -> int:
-  """Image tokens (stage 2, contrastive) or patches (tokenizer) per example."""
-  if "grid_size" in config.model:
-    return config.model.grid_size ** 2
-  return (config.data.image_size // config.model.patch_size) ** 2
-
-
-def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """A host batch with the fields and shapes the task's train step reads.
-
-  Tokenizer: `image` float32 [b, S, S, 3] in [0, 1]. VIM: `tokens` int32
-  [b, n] in the codebook, `label` int32 [b]. Parti: `tokens`, `text_ids` int32
-  [b, max_text_length] (random pieces, EOS, padding), `text_truncated` [b].
-  All: `mask` int32 [b] of ones.
-  """
-  rs = np.random.RandomState(seed)
-  batch = {"mask": np.ones((batch_size,), np.int32)}
-  if config.task == "tokenizer":
-    size = config.data.image_size
-    batch["image"] = rs.uniform(size=(batch_size, size, size, 3)).astype(np.float32)
-    batch["label"] = np.zeros((batch_size,), np.int32)
-    return batch
-  m = config.model
-  batch["tokens"] = rs.randint(0, m.codebook_size, (batch_size, m.grid_size ** 2)).astype(np.int32)
-  if config.task == "vim":
-    batch["label"] = rs.randint(0, max(m.num_classes, 1), (batch_size,)).astype(np.int32)
-  else:
-    batch["text_ids"] = synthetic_text_ids(config, batch_size, rs)
-    batch["text_truncated"] = np.zeros((batch_size,), np.int32)
-  return batch
-
-
-def synthetic_text_ids(config, batch_size: int, rs: np.random.RandomState) -> np.ndarray:
-  """[b, max_text_length] int32: random non-special pieces, EOS, then PAD (lengths vary)."""
-  m = config.model
-  length = m.max_text_length
-  ids = rs.randint(text.UNK_ID + 1, m.text_vocab_size, (batch_size, length)).astype(np.int32)
-  ends = rs.randint(max(1, length // 2), length, (batch_size,))
-  positions = np.arange(length)[None]
-  ids = np.where(positions == ends[:, None], text.EOS_ID, ids)
-  return np.where(positions > ends[:, None], text.PAD_ID, ids).astype(np.int32)
-
-
-def _ensure_text_tokenizer(config) -> None:
-  """Captioned tasks load a SentencePiece model; make a throwaway one if none is given."""
-  path = config.data.text_tokenizer
-  if "<dir>" not in path and ("://" in path or os.path.exists(path)):
-    return
-  directory = tempfile.mkdtemp(prefix="vimjax_benchmark_spm_")
-  captions = (shapes.caption_from_scene(shapes.sample_scene("train", i)) for i in range(2000))
-  trained = text.train_sentencepiece(captions, os.path.join(directory, "spm"),
-                                     min(config.model.text_vocab_size, 512))
-  logging.info("data.text_tokenizer=%r does not exist; using a throwaway shapes vocabulary "
-               "%s (%d pieces): text ids are synthetic anyway.", path, trained["model"],
-               trained["vocab_size"])
-  config.data.text_tokenizer = trained["model"]
 
 
 def prepare_config(config) -> None:
   """Synthetic data stands in for data.source; checks the rest of the config."""
-  if "grid_size" in config.model:  # Token-reading tasks (VIM, Parti, contrastive).
-    config.data.source = SYNTHETIC_SOURCE
-  if "text_tokenizer" in config.data:
-    _ensure_text_tokenizer(config)
-  config_lib.validate(config, jax.device_count(), jax.process_count())
+  synthetic.prepare_config(config, jax.device_count(), jax.process_count())
 
 
 def _global(batch: dict, mesh) -> dict:
@@ -143,16 +72,9 @@ def _timed(fn, repeats: int) -> float:
   return (time.perf_counter() - start) / repeats
 
 
-def model_flops_per_step(config, host_batch: dict) -> float:
-  """Global model FLOPs of one train step: `flops.model_flops_per_step`."""
-  return flops.model_flops_per_step(config, host_batch)
-
-
 def _default_start_step(config) -> int:
-  """The tokenizer's GAN phase (the branch the cost analysis counts), else 0."""
-  if config.task == "tokenizer" and config.loss.adversarial_weight > 0:
-    return int(config.loss.adversarial_start_step)
-  return 0
+  """The task's last phase (the tokenizer's GAN: the branch the cost analysis counts)."""
+  return int(tasks.get(config).flops_phases(config)[-1][0])
 
 
 def benchmark_train(config, *, steps: int, warmup: int, start_step: int | None = None) -> dict:
@@ -160,33 +82,34 @@ def benchmark_train(config, *, steps: int, warmup: int, start_step: int | None =
   if steps < 1 or warmup < 0:
     raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
   prepare_config(config)
+  task = tasks.get(config)
   start_step = _default_start_step(config) if start_step is None else start_step
   # Measured outside the mesh context: the matmul runs on one device.
   peak = flops.peak_flops_per_device(config.peak_flops_per_device, config.model.dtype)
-  host_batch = synthetic_batch(config, config.global_batch_size, config.seed)
-  model_flops = model_flops_per_step(config, host_batch)
+  host_batch = task.synthetic_batch(config, config.global_batch_size, config.seed)
+  model_flops = flops.model_flops_per_step(task, config, host_batch)
   mesh = parallel.create_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    task = tasks.build(config, mesh)
+    built = task.build(config, mesh)
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
-    state, shardings = loop.create_sharded_state(task, mesh, rules, init_rng)
+    state, shardings = loop.create_sharded_state(built, mesh, rules, init_rng)
     if start_step:
       state = state.replace(step=jax.device_put(jnp.int32(start_step), shardings.step))
     batch = _global(host_batch, mesh)
     start = time.perf_counter()
-    compiled = loop.jit_train_step(task, shardings, mesh).lower(
-        state, batch, step_rng, task.frozen).compile()
+    compiled = loop.jit_train_step(built, shardings, mesh).lower(
+        state, batch, step_rng, built.frozen).compile()
     compile_s = time.perf_counter() - start
     for i in range(warmup):
-      state, _ = compiled(state, batch, jax.random.fold_in(step_rng, i), task.frozen)
+      state, _ = compiled(state, batch, jax.random.fold_in(step_rng, i), built.frozen)
     jax.block_until_ready(state)
 
     def run_steps():
       nonlocal state
       for i in range(steps):
         state, metrics = compiled(state, batch, jax.random.fold_in(step_rng, warmup + i),
-                                  task.frozen)
+                                  built.frozen)
       return state, metrics
 
     step_time = _timed(run_steps, 1) / steps
@@ -200,7 +123,7 @@ def benchmark_train(config, *, steps: int, warmup: int, start_step: int | None =
       "global_batch_size": config.global_batch_size, "num_params": int(num_params),
       "start_step": start_step, "steps": steps, "warmup": warmup, "compile_s": compile_s,
       "step_time_s": step_time, "examples_per_sec": examples_per_sec,
-      "tokens_per_sec": examples_per_sec * tokens_per_example(config),
+      "tokens_per_sec": examples_per_sec * task.tokens_per_example(config),
       "flops_per_step": model_flops, "flops_per_step_per_device": per_device,
       "compiled_flops_per_device": flops.compiled_flops(compiled),
       "peak_flops_per_device": peak,
@@ -208,43 +131,32 @@ def benchmark_train(config, *, steps: int, warmup: int, start_step: int | None =
   }
 
 
-def _sampler(config, model, params, batch_size: int, mesh):
-  """(use_cache, rng) -> tokens [b, n] for the config's task and sampling defaults."""
-  s = config.sampling
-  rs = np.random.RandomState(config.seed)
+def _sampler(config, task, model, params, batch_size: int, mesh):
+  """(use_cache, rng) -> tokens [b, n]: the task's sampler with random conditions."""
   dp = parallel.data_parallel_size(mesh)
   sharding = parallel.batch_sharding(mesh) if batch_size % dp == 0 else parallel.replicated(mesh)
-  kwargs = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, cfg_scale=s.cfg_scale)
-  if config.task == "vim":
-    labels = None
-    if model.num_classes:
-      labels = jax.device_put(rs.randint(0, model.num_classes, (batch_size,)).astype(np.int32),
-                              sharding)
-    else:
-      kwargs["cfg_scale"] = 1.0  # Guidance needs classes.
-    return lambda use_cache, rng: sampling.sample_vim(
-        model, params, labels, rng=rng, use_cache=use_cache, batch_size=batch_size, **kwargs)
-  text_ids = jax.device_put(synthetic_text_ids(config, batch_size, rs), sharding)
-  return lambda use_cache, rng: sampling.sample_parti(
-      model, params, text_ids, rng=rng, use_cache=use_cache, **kwargs)
+  conditions = task.synthetic_conditions(config, batch_size, config.seed)
+  conditions = None if conditions is None else jax.device_put(conditions, sharding)
+  samplers = {use_cache: task.make_sampler(config, model, batch_size=batch_size,
+                                           use_cache=use_cache) for use_cache in (True, False)}
+  return lambda use_cache, rng: samplers[use_cache](params, conditions, rng)
 
 
 def benchmark_sample(config, *, repeats: int, batch_size: int) -> dict:
   """Times KV-cache vs uncached sampling with random-init params and one seed."""
-  if config.task not in STAGE2:
-    raise ValueError(f"--mode=sample needs a vim or parti config; task={config.task!r}.")
+  task = tasks.get_sampling(config, "--mode=sample: --config")
   if repeats < 1 or batch_size < 1:
     raise ValueError(f"--steps={repeats} and --sample_batch_size={batch_size} must be >= 1.")
   prepare_config(config)
   mesh = parallel.create_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    task = tasks.build(config, mesh)
-    state, _ = loop.create_sharded_state(task, mesh, rules, jax.random.key(config.seed))
+    state, _ = loop.create_sharded_state(task.build(config, mesh), mesh, rules,
+                                         jax.random.key(config.seed))
     params = state.params["model"]
     del state  # Optimizer moments are not needed for sampling.
-    model = tasks.TASKS[config.task].build_model(config)
-    sample = _sampler(config, model, params, batch_size, mesh)
+    model = task.build_model(config)
+    sample = _sampler(config, task, model, params, batch_size, mesh)
     rng = jax.random.key(config.seed + 1)
     result = {}
     tokens = {}
@@ -285,7 +197,7 @@ def run(config, *, mode: str, steps: int, warmup: int, start_step: int | None = 
 
 def _define_flags():
   """Flags of the binary (defined only when run as a program: --config is shared)."""
-  config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].")
+  runtime.define_config_file()
   flags.DEFINE_enum("mode", "train", MODES, "What to time.")
   flags.DEFINE_integer("steps", 10, "Timed train steps / sampling calls per path.")
   flags.DEFINE_integer("warmup", 2, "Untimed train steps after compilation.")

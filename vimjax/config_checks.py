@@ -8,6 +8,9 @@ the value and what is valid.
 """
 import math
 
+from vimjax.models import vit_vqgan
+from vimjax.train import optimizers
+
 # Counts and sizes: an integer >= 1.
 POSITIVE_INTS = frozenset((
     "total_steps", "global_batch_size", "log_every_steps", "checkpoint_every_steps",
@@ -29,11 +32,12 @@ POSITIVE_FLOATS = frozenset(("lr", "entropy_temperature"))
 PROBABILITIES = frozenset(("dropout_rate", "cfg_dropout"))
 # Exponential decays and Adam betas: [0, 1).
 DECAYS = frozenset(("b1", "b2", "ema_decay", "usage_ema_decay", "lecam_ema_decay"))
-# Names checked against a closed set wherever they appear (by section.leaf).
+# Names checked against a closed set wherever they appear (by section.leaf); the
+# sets are the ones the code that reads them defines.
 ENUMS = {
-    "optimizer.name": ("adam", "adamw", "adafactor"),
-    "optimizer.schedule": ("constant", "cosine", "exponential"),
-    "model.output": ("logit_laplace", "rgb"),
+    "optimizer.name": optimizers.OPTIMIZERS,
+    "optimizer.schedule": optimizers.SCHEDULES,
+    "model.output": vit_vqgan.OUTPUTS,
 }
 BOOLS = frozenset(("scan_layers", "restart_dead_codes", "use_cache", "skip_nonfinite_updates"))
 

@@ -21,9 +21,15 @@ import numpy as np
 from vimjax import errors
 from vimjax.models import perceptual
 
-_VGG = flags.DEFINE_string("torchvision_vgg16", None, "torchvision vgg16 ImageNet .pth.")
-_LPIPS = flags.DEFINE_string("lpips_vgg", None, "LPIPS weights/v0.1/vgg.pth.")
-_OUT = flags.DEFINE_string("out", "vgg16_lpips.npz", "Output .npz path.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Flags of the binary, defined when it runs."""
+  flags.DEFINE_string("torchvision_vgg16", None, "torchvision vgg16 ImageNet .pth.")
+  flags.DEFINE_string("lpips_vgg", None, "LPIPS weights/v0.1/vgg.pth.")
+  flags.DEFINE_string("out", "vgg16_lpips.npz", "Output .npz path.")
+
 
 # torchvision `features` indices of the 13 convs, in order (ReLUs/pools between).
 TORCHVISION_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
@@ -86,14 +92,15 @@ def _load_torch(path: str) -> dict[str, np.ndarray]:
 
 def main(argv):
   del argv
-  if not _VGG.value or not _LPIPS.value:
+  if not FLAGS.torchvision_vgg16 or not FLAGS.lpips_vgg:
     raise app.UsageError("Set both --torchvision_vgg16 and --lpips_vgg.")
-  out = _OUT.value if _OUT.value.endswith(".npz") else _OUT.value + ".npz"  # As np.savez.
-  arrays = convert_state_dicts(_load_torch(_VGG.value), _load_torch(_LPIPS.value))
+  out = FLAGS.out if FLAGS.out.endswith(".npz") else FLAGS.out + ".npz"  # As np.savez.
+  arrays = convert_state_dicts(_load_torch(FLAGS.torchvision_vgg16), _load_torch(FLAGS.lpips_vgg))
   np.savez(out, **arrays)
   perceptual.load_lpips_params(out)  # Fails loudly if the layout drifted.
   print(json.dumps({"out": out, "num_arrays": len(arrays)}))
 
 
 if __name__ == "__main__":
+  _define_flags()
   errors.run(main)

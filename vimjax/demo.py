@@ -23,25 +23,25 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 import numpy as np
 
-from configs import contrastive as contrastive_configs
-from configs import parti as parti_configs
-from configs import vitvqgan
-from vimjax import encode
+from vimjax import encoding
 from vimjax import errors
+from vimjax import generate
 from vimjax import runtime
-from vimjax import sample
-from vimjax import train_vocab
+from vimjax import tasks
+from vimjax.configs import contrastive as contrastive_configs
+from vimjax.configs import parti as parti_configs
+from vimjax.configs import vitvqgan
 from vimjax.data import shapes
+from vimjax.data import vocab
 from vimjax.train import loop
 
 def _define_flags():
   """Flags of the binary (defined only when run as a program: --config is shared)."""
-  config_flags.DEFINE_config_file(
-      "config", "configs/parti.py:tiny", "Stage-2 config: configs/parti.py:tiny or "
-      "configs/vim.py:tiny (class-conditional).", lock_config=True)
+  runtime.define_config_file(
+      "configs/parti.py:tiny", "Stage-2 config: configs/parti.py:tiny or "
+      "configs/vim.py:tiny (class-conditional).")
   flags.DEFINE_string("workdir", "demo_out", "Where every stage writes.")
   flags.DEFINE_integer("tokenizer_steps", 0, "0 = the tiny config's.")
   flags.DEFINE_integer("parti_steps", 0, "0 = the tiny config's (VIM too).")
@@ -119,9 +119,8 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
   num_candidates > samples_per_prompt.
   """
   config = parti_configs.get_config("tiny") if config is None else config
-  if config.task not in ("parti", "vim"):
-    raise ValueError(f"--config task={config.task!r}; the demo trains a stage-2 model: "
-                     "configs/parti.py:tiny or configs/vim.py:tiny.")
+  task = tasks.get_sampling(config, "--config (configs/parti.py:tiny or configs/vim.py:tiny)")
+  kind = task.conditioning(config)
   tok_dir, tokens_dir = os.path.join(workdir, "tokenizer"), os.path.join(workdir, "tokens")
   stage2_dir, spm = os.path.join(workdir, config.task), os.path.join(workdir, "spm")
 
@@ -134,7 +133,7 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
 
   logging.info("[2/5] Encoding shapes to token ids.")
   for split, n in NUM_ENCODED.items():
-    encode.run(tok_config, tok_dir, os.path.join(tokens_dir, split), splits=(split,),
+    encoding.run(tok_config, tok_dir, os.path.join(tokens_dir, split), splits=(split,),
                num_examples=n, overwrite=True)
 
   with config.unlocked():
@@ -142,16 +141,16 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
     config.data.source = f"array_record:{tokens_dir}/{{split}}/tokens-{{split}}-*.array_record"
     if parti_steps:
       config.total_steps = parti_steps
-    if config.task == "parti":
+    if "text_tokenizer" in config.data:
       logging.info("[3/5] Training the SentencePiece vocabulary on the captions.")
-      config.data.text_tokenizer = train_vocab.run("shapes", "train", 2000, 256, spm,
-                                                   overwrite=True)["model"]
+      config.data.text_tokenizer = vocab.run("shapes", "train", 2000, 256, spm,
+                                             overwrite=True)["model"]
 
   logging.info("[4/5] Training tiny %s.", config.task)
   stage2_train = loop.train_and_evaluate(config, stage2_dir)
   stage2_eval = loop.evaluate_workdir(config, stage2_dir)  # Also after a resumed, finished run.
 
-  rerank = config.task == "parti" and num_candidates > samples_per_prompt
+  rerank = kind == "prompt" and num_candidates > samples_per_prompt
   rerank_dir = os.path.join(workdir, "contrastive")
   if rerank:
     logging.info("[5/5] Training the reranker (tiny dual encoder), then sampling.")
@@ -159,9 +158,9 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
   else:
     logging.info("[5/5] Sampling.")
   out = os.path.join(workdir, "samples.png")
-  if config.task == "parti":
+  if kind == "prompt":
     prompts = held_out_prompts(num_prompts)
-    result = sample.sample_from_workdir(
+    result = generate.sample_from_workdir(
         config, stage2_dir, prompts=prompts, num_samples=samples_per_prompt, seed=0,
         rerank_workdir=rerank_dir if rerank else None,
         num_candidates=num_candidates if rerank else 0)
@@ -176,12 +175,12 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
                     reranker_chance=rerank_eval["chance"])
   else:
     class_ids = [i % config.model.num_classes for i in range(num_prompts)]
-    result = sample.sample_from_workdir(config, stage2_dir, class_ids=class_ids,
-                                        num_samples=samples_per_prompt, seed=0)
+    result = generate.sample_from_workdir(config, stage2_dir, class_ids=class_ids,
+                                          num_samples=samples_per_prompt, seed=0)
     labels = np.repeat(np.asarray(class_ids), samples_per_prompt)
     scores = {"class_accuracy": result["class_accuracy"],
               "shuffled_class_accuracy": shuffled_class_accuracy(result["images"], labels)}
-  sample.write_outputs(result, out)
+  generate.write_outputs(result, out)
   return {
       "psnr": tok_eval["psnr"], "ssim": tok_eval["ssim"],
       "codebook_usage": tok_eval["codebook_usage"], "perplexity": tok_eval["perplexity"],

@@ -22,7 +22,12 @@ from vimjax import errors
 from vimjax import runtime
 from vimjax.train import loop
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (has config.json).")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Flags of the binary, defined when it runs."""
+  flags.DEFINE_string("workdir", None, "A training workdir (has config.json).")
 
 
 def _load_config(workdir):
@@ -38,12 +43,13 @@ def main(argv):
   runtime.initialize()
   config = flags.FLAGS.config
   try:
-    metrics = loop.evaluate_workdir(config, _WORKDIR.value)
+    metrics = loop.evaluate_workdir(config, FLAGS.workdir)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"error: {e}") from None
-  runtime.emit_result(metrics, _WORKDIR.value, "eval_result")
+  runtime.emit_result(metrics, FLAGS.workdir, "eval_result")
 
 
 if __name__ == "__main__":
+  _define_flags()
   runtime.define_config_from_workdir("workdir", _load_config)
   errors.run(main)

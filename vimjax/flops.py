@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vimjax import parallel
+
 # Dense bf16 peak FLOP/s per chip (vendor numbers).
 KNOWN_PEAKS = {
     "TPU v4": 275e12,
@@ -48,74 +50,47 @@ def compiled_flops(compiled) -> float:
   return float((analysis or {}).get("flops", 0.0))
 
 
-def train_batch_shapes(config, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-  """Abstract global train batch of `config.task` (the fields its train step reads).
-
-  Tokenizer: `image` float32 [b, S, S, 3], `label` int32 [b]. VIM: `tokens` int32
-  [b, grid_size^2], `label` int32 [b]. Parti, contrastive: `tokens`, `text_ids` int32
-  [b, max_text_length], `text_truncated` int32 [b]. All: `mask` int32 [b].
-  """
-  b = config.global_batch_size if batch_size is None else batch_size
-  spec = lambda shape, dtype=np.int32: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
-  batch = {"mask": spec((b,))}
-  if config.task == "tokenizer":
-    size = config.data.image_size
-    return {**batch, "image": spec((b, size, size, 3), np.float32), "label": spec((b,))}
-  m = config.model
-  batch["tokens"] = spec((b, m.grid_size ** 2))
-  if config.task == "vim":
-    return {**batch, "label": spec((b,))}
-  return {**batch, "text_ids": spec((b, m.max_text_length)), "text_truncated": spec((b,))}
-
-
-def model_flops_per_step(config, batch: Any = None, executed: bool = False) -> float:
+def model_flops_per_step(task, config, batch: Any = None, executed: bool = False) -> float:
   """Global model FLOPs of one train step of `config` (see the module docstring).
 
   Args:
+    task: the config's task family (`vimjax.tasks.get(config)`, a `base.Task`).
     config: an experiment config (task, model, optimizer, ...). Parti's task
       loads `data.text_tokenizer`, so that file must exist.
     batch: the global train batch, {name: array or jax.ShapeDtypeStruct};
-      default `train_batch_shapes(config)`.
+      default `task.batch_spec(config, config.global_batch_size)`.
     executed: keep the config's remat policy, so that what it recomputes in
       the backward pass is counted too: the FLOPs the chips execute (for a
       step-time estimate), not the model's (for MFU).
   Returns:
     FLOPs of the whole step over all devices (divide by the device count for
-    a per-device number). The tokenizer's step is a `cond` on the adversarial
-    phase; the costlier (GAN) branch is counted (`model_flops_by_phase` splits
-    the run into its phases, for MFU).
+    a per-device number). A step with a `cond` (the tokenizer's adversarial
+    phase) counts its costlier branch (`model_flops_by_phase` splits the run
+    into the task's phases, for MFU).
   """
-  from vimjax import parallel  # pylint: disable=g-import-not-at-top
-  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top (tasks -> loop -> flops)
   flat = config.copy_and_resolve_references()
   with flat.unlocked():
     flat.model.scan_layers = False
     if not executed:
       flat.model.remat_policy = "none"
-  task = tasks.build(flat, None)
+  steps = task.build(flat, None)
   rng = jax.random.key(0)
-  state = parallel.unbox(jax.eval_shape(task.init, rng))
+  state = parallel.unbox(jax.eval_shape(steps.init, rng))
   if batch is None:
-    batch = train_batch_shapes(config)
+    batch = task.batch_spec(config, config.global_batch_size)
   batch = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in batch.items()}
-  return compiled_flops(jax.jit(task.train_step).lower(state, batch, rng, task.frozen))
+  return compiled_flops(jax.jit(steps.train_step).lower(state, batch, rng, steps.frozen))
 
 
-def model_flops_by_phase(config, batch: Any = None) -> tuple[tuple[int, float], ...]:
+def model_flops_by_phase(task, config, batch: Any = None) -> tuple[tuple[int, float], ...]:
   """((first state.step, global model FLOPs per step), ...) of the run's phases, in order.
 
-  The tokenizer's step runs the discriminator and the adversarial loss only
-  from loss.adversarial_start_step on (a `cond`); before that its FLOPs are the
-  ones of the same config without the GAN. Other tasks have one phase.
+  The phases are the task's (`task.flops_phases`): e.g. the tokenizer runs the
+  discriminator and the adversarial loss only from loss.adversarial_start_step
+  on; other tasks have one phase.
   """
-  full = model_flops_per_step(config, batch)
-  if (config.task != "tokenizer" or config.loss.adversarial_weight <= 0
-      or config.loss.adversarial_start_step <= 0):
-    return ((0, full),)
-  before = config.copy_and_resolve_references()
-  with before.unlocked():
-    before.loss.adversarial_weight = 0.0
-  return ((0, model_flops_per_step(before, batch)), (config.loss.adversarial_start_step, full))
+  return tuple((start, model_flops_per_step(task, phase_config, batch))
+               for start, phase_config in task.flops_phases(config))
 
 
 def flops_between(phases: tuple[tuple[int, float], ...], first_step: int, end_step: int) -> float:

@@ -6,12 +6,13 @@ the embedding tables"), tokens per example and model FLOPs per trained token.
 Used by `python -m vimjax.summary` and the sweeps' collection.
 """
 import math
-import os
 import re
 
 import jax
 
-from vimjax.train import tasks
+from vimjax import flops
+from vimjax import tasks
+from vimjax.tasks import base
 
 # Vocabulary- or position-indexed tables and the unembedding: token, text, class,
 # patch and position embeddings, start/null vectors, the output logits layer and
@@ -36,16 +37,14 @@ def count_non_embedding_params(tree) -> int:
 
 def tokens_per_example(config) -> int:
   """Tokens one training example holds: image tokens (stage 2) or patches (tokenizer)."""
-  if config.task == "tokenizer":
-    return (config.data.image_size // config.model.patch_size) ** 2
-  return config.model.grid_size ** 2
+  return tasks.get(config).tokens_per_example(config)
 
 
 def flops_per_token(config) -> float:
   """Model FLOPs of one train step (forward + backward) per trained token."""
-  from vimjax import flops  # pylint: disable=g-import-not-at-top
   batch = config.global_batch_size
-  return flops.model_flops_per_step(config) / (batch * tokens_per_example(config))
+  return (flops.model_flops_per_step(tasks.get(config), config)
+          / (batch * tokens_per_example(config)))
 
 
 def summarize(config, with_flops: bool = False) -> dict:
@@ -55,9 +54,9 @@ def summarize(config, with_flops: bool = False) -> dict:
             "non_embedding_params": count_non_embedding_params(params), "modules": modules,
             "tokens_per_example": tokens_per_example(config)}
   if with_flops:
-    path = config.data.get("text_tokenizer", "") if config.task == "parti" else ""
-    if path and "://" not in path and not os.path.exists(path):
-      # Parti's step tokenizes captions; say why the count is missing.
+    path = config.data.get("text_tokenizer", "")
+    if path and not base.exists(path):
+      # A captioned task's step tokenizes captions; say why the count is missing.
       result["flops_per_token"] = None
       result["flops_note"] = (f"data.text_tokenizer={path!r} does not exist; pass "
                               "--config.data.text_tokenizer=SPM.model for FLOPs per token.")

@@ -1,7 +1,7 @@
 """Reranking samples with the contrastive dual encoder (Parti: 16 samples per prompt, reranked).
 
 Every prompt gets `num_candidates` samples; the dual encoder of a
-`task: contrastive` workdir (vimjax/train/contrastive.py) scores each
+`task: contrastive` workdir (vimjax/tasks/contrastive.py) scores each
 candidate's image tokens against its prompt, and the best `keep` per prompt
 are kept, best first. The shapes checker is never the scorer: it only
 measures the result.
@@ -12,8 +12,9 @@ import jax
 import numpy as np
 
 from vimjax.models import dual_encoder
+from vimjax.tasks import contrastive
 
-RERANK_TASK = "contrastive"
+RERANK_TASK = contrastive.NAME
 
 
 def check_compatible(rerank_config, config, rerank_workdir: str) -> None:

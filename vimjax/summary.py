@@ -11,15 +11,20 @@ lives in model_stats.py.
 """
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 from vimjax import model_stats
 from vimjax import errors
 from vimjax import runtime
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].")
-_FLOPS = flags.DEFINE_bool("flops", True, "Also lower the train step for FLOPs per token "
-                           "(Parti needs data.text_tokenizer to exist).")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Flags of the binary, defined when it runs."""
+  runtime.define_config_file()
+  flags.DEFINE_bool("flops", True, "Also lower the train step for FLOPs per token "
+                    "(Parti needs data.text_tokenizer to exist).")
+
 
 # Library names kept here for existing callers.
 summarize = model_stats.summarize
@@ -29,7 +34,7 @@ count_params = model_stats.count_params
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  result = model_stats.summarize(_CONFIG.value, _FLOPS.value)
+  result = model_stats.summarize(FLAGS.config, FLAGS.flops)
   width = max(len(n) for n in result["modules"]) + 2
   print(f"{'module':<{width}}{'params':>16}")
   for name, n in result["modules"].items():
@@ -44,5 +49,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config"])
   errors.run(main)

@@ -23,14 +23,13 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from vimjax import generate
 from vimjax import parallel
-from vimjax import sampling
+from vimjax import tasks
 from vimjax.data import pipeline
 from vimjax.evaluation import inception_features
 from vimjax.evaluation import inception_metrics
 from vimjax.models import inception
-
-STAGE2 = ("vim", "parti")
 
 
 def enabled(config) -> bool:
@@ -68,8 +67,7 @@ def _eval_batches(config, mesh, fields, transforms=()):
 
 def tokenizer_metrics(config, state, mesh, extractor) -> dict[str, float]:
   """rFID etc. of the tokenizer in `state` on `config.eval.num_images` eval images."""
-  from vimjax.train import tokenizer  # pylint: disable=g-import-not-at-top
-  model = tokenizer.build_model(config)
+  model = tasks.get(config).build_model(config)
   params = state.ema_params["generator"] if config.optimizer.ema_decay > 0 else state.params[
       "generator"]
   reconstruct = jax.jit(
@@ -89,13 +87,15 @@ def tokenizer_metrics(config, state, mesh, extractor) -> dict[str, float]:
           "fid_num_images": len(real["pool"])}
 
 
-def _conditions(config, mesh, model, num_images: int, transforms) -> list[tuple[int, Any]]:
-  """Per chunk (number of images, condition): VIM labels [n] (None if unconditional),
-  Parti text_ids [n, L]."""
+def _conditions(config, kind: str, mesh, num_images: int,
+                transforms) -> list[tuple[int, Any]]:
+  """Per chunk (number of images, condition) for the conditioning `kind`:
+  class labels [n] (class-balanced), None (unconditional) or text_ids [n, L]
+  (the eval split's captions in order)."""
   chunk = config.global_batch_size
-  if config.task == "vim":
-    labels = (np.arange(num_images) % max(model.num_classes, 1)).astype(np.int32)
-    return [(len(labels[s:s + chunk]), None if model.num_classes == 0 else labels[s:s + chunk])
+  if kind != "prompt":
+    labels = (np.arange(num_images) % max(config.model.get("num_classes", 0), 1)).astype(np.int32)
+    return [(len(labels[s:s + chunk]), None if kind == "none" else labels[s:s + chunk])
             for s in range(0, num_images, chunk)]
   texts = [_host(batch["text_ids"])[take] for batch, take in
            _eval_batches(config, mesh, ("text_ids",), transforms)]
@@ -103,33 +103,27 @@ def _conditions(config, mesh, model, num_images: int, transforms) -> list[tuple[
   return [(len(texts[s:s + chunk]), texts[s:s + chunk]) for s in range(0, len(texts), chunk)]
 
 
-def stage2_metrics(config, state, mesh, extractor, task) -> dict[str, float]:
+def stage2_metrics(config, state, mesh, extractor, steps) -> dict[str, float]:
   """FID / IS of `config.eval.num_images` samples of the VIM/Parti model in `state`."""
-  from vimjax import sample as sample_lib  # pylint: disable=g-import-not-at-top
-  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
+  task = tasks.get(config)
   rules = parallel.rules_from_config(config.mesh)
-  model = tasks.TASKS[config.task].build_model(config)
+  model = task.build_model(config)
   params = state.ema_params["model"] if config.optimizer.ema_decay > 0 else state.params["model"]
-  _, tok_model, tok_params = sample_lib.load_tokenizer(config.tokenizer_workdir, mesh, rules)
-  s = config.sampling
-  settings = dict(cfg_scale=s.cfg_scale, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                  use_cache=s.use_cache)
+  _, tok_model, tok_params = generate.load_tokenizer(config.tokenizer_workdir, mesh, rules)
   dp = parallel.data_parallel_size(mesh)
   data_sharding = parallel.batch_sharding(mesh)
+  kind = task.conditioning(config)
 
   def image_batches():
-    for c, (n, cond) in enumerate(_conditions(config, mesh, model, int(config.eval.num_images),
-                                              task.data_transforms)):
+    for c, (n, cond) in enumerate(_conditions(config, kind, mesh, int(config.eval.num_images),
+                                              steps.data_transforms)):
       rng = jax.random.fold_in(jax.random.key(config.eval.seed), c)
       padded = -(-n // dp) * dp
-      if config.task == "vim":
-        x = None if cond is None else np.resize(cond, padded)
-        x = None if x is None else jax.device_put(x, data_sharding)
-        tokens = sampling.sample_vim(model, params, x, rng=rng, batch_size=padded, **settings)
-      else:
-        x = jax.device_put(np.resize(cond, (padded,) + cond.shape[1:]), data_sharding)
-        tokens = sampling.sample_parti(model, params, x, rng=rng, **settings)
-      images = _host(sample_lib.decode_tokens(tok_model, tok_params, tokens))[:n]
+      sample = task.make_sampler(config, model, batch_size=padded)
+      x = None if cond is None else jax.device_put(
+          np.resize(cond, (padded,) + cond.shape[1:]), data_sharding)
+      tokens = sample(params, x, rng)
+      images = _host(generate.decode_tokens(tok_model, tok_params, tokens))[:n]
       yield np.clip(images.astype(np.float32), 0.0, 1.0)
 
   ref = inception_metrics.load_stats(config.eval.fid_reference)
@@ -141,11 +135,14 @@ def stage2_metrics(config, state, mesh, extractor, task) -> dict[str, float]:
   return {**scores, "fid_num_images": len(features["pool"])}
 
 
-def fid_metrics(config, state, mesh, task, extractor=None) -> dict[str, float]:
-  """The task's Inception metrics ({} when config.eval.inception_weights is unset)."""
+def fid_metrics(config, state, mesh, steps, extractor=None) -> dict[str, float]:
+  """The task's Inception metrics ({} when config.eval.inception_weights is unset).
+
+  What is compared is the task's `EVAL_IMAGES`: reconstructions (rFID) or samples (FID).
+  """
   if not enabled(config):
     return {}
   extractor = extractor or make_extractor(config, mesh)
-  if config.task == "tokenizer":
+  if tasks.get(config).EVAL_IMAGES == "reconstructions":
     return tokenizer_metrics(config, state, mesh, extractor)
-  return stage2_metrics(config, state, mesh, extractor, task)
+  return stage2_metrics(config, state, mesh, extractor, steps)

@@ -25,11 +25,11 @@ import numpy as np
 import optax
 
 from vimjax import parallel
-from vimjax import sample
+from vimjax import generate
 from vimjax.data import pipeline
 from vimjax.models import layers
 from vimjax.models import transformer
-from vimjax.train import vim
+from vimjax.tasks import vim
 
 
 def pooled_block_features(model: transformer.VIM, params, tokens, blocks) -> jax.Array:
@@ -159,7 +159,7 @@ def _featurizer(config, model, params, blocks, mesh, rules):
       tokens = pipeline.to_global_batch({"tokens": host_batch["tokens"]}, mesh)["tokens"]
     else:  # An image source: tokens from the VIM's own tokenizer.
       if encode is None:
-        tok_config, tok_model, tok_params = sample.load_tokenizer(
+        tok_config, tok_model, tok_params = generate.load_tokenizer(
             config.tokenizer_workdir, mesh, rules)
         if tok_config.data.image_size != config.data.image_size:
           raise ValueError(f"data.image_size={config.data.image_size} differs from the "
@@ -198,7 +198,7 @@ def run(config, workdir: str, *, blocks, num_train_examples: int = 0,
      "num_classes", "num_train", "num_eval", "unlabelled" (dropped rows),
      "feature_dim", "step"}.
   """
-  if config.get("task") != "vim":
+  if config.get("task") != vim.NAME:
     raise ValueError(f"--workdir={workdir!r} holds task={config.get('task')!r}; the linear "
                      "probe reads a VIM workdir (task 'vim').")
   model = vim.build_model(config)
@@ -206,7 +206,7 @@ def run(config, workdir: str, *, blocks, num_train_examples: int = 0,
   mesh = parallel.create_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params, step = sample.load_stage2_params(config, workdir, mesh, rules)
+    params, step = generate.load_stage2_params(config, workdir, mesh, rules)
     featurize = _featurizer(config, model, params, blocks, mesh, rules)
     train_x, train_y, dropped_train = _labelled_split(config, "train", num_train_examples,
                                                       featurize)

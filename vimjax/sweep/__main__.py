@@ -19,49 +19,55 @@ from vimjax.sweep import launchers
 from vimjax.sweep import report
 from vimjax.sweep import run
 
-_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file, configs/sweeps/FILE.py.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (trials/, results.csv, fit.json).")
-_LAUNCHER = flags.DEFINE_enum("launcher", "local", launchers.LAUNCHERS, "Where trials run.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.")
-_COLLECT = flags.DEFINE_bool("collect", False, "Only collect results and fit (no --sweep).")
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "local: trials at once (GPUs split among them).")
-_TRIALS = flags.DEFINE_list("trials", [], "Only these trial indices (default: all).")
-_LAUNCHER_ARGS = flags.DEFINE_list(
-    "launcher_args", [], "Options for the launch script, e.g. --zone=us-central2-b,"
-    "--accelerator_type=v4-32 (tpu_vm) or --nodes=2,--partition=a100 (slurm).")
-_TRIALS_PER_SLICE = flags.DEFINE_integer("trials_per_slice", 1, "tpu_vm: trials run one after "
-                                         "another on one slice (1 = a slice per trial).")
-_TPU_STEPS = flags.DEFINE_list("tpu_steps", list(launchers.TPU_STEPS), "tpu_vm: launch/tpu_vm.sh "
-                               "steps per slice; a re-run whose slices exist: --tpu_steps=train.")
-_NAME = flags.DEFINE_string("name", "vimjax-sweep", "tpu_vm slice-name prefix / SLURM job name.")
-_BOOTSTRAP = flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples per fit.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Flags of the binary, defined when it runs."""
+  flags.DEFINE_string("sweep", None, "Sweep file, configs/sweeps/FILE.py.")
+  flags.DEFINE_string("workdir", None, "Sweep directory (trials/, results.csv, fit.json).")
+  flags.DEFINE_enum("launcher", "local", launchers.LAUNCHERS, "Where trials run.")
+  flags.DEFINE_bool("dry_run", False, "Print the commands, run nothing.")
+  flags.DEFINE_bool("collect", False, "Only collect results and fit (no --sweep).")
+  flags.DEFINE_integer("parallel", 1, "local: trials at once (GPUs split among them).")
+  flags.DEFINE_list("trials", [], "Only these trial indices (default: all).")
+  flags.DEFINE_list(
+      "launcher_args", [], "Options for the launch script, e.g. --zone=us-central2-b,"
+      "--accelerator_type=v4-32 (tpu_vm) or --nodes=2,--partition=a100 (slurm).")
+  flags.DEFINE_integer("trials_per_slice", 1, "tpu_vm: trials run one after "
+                       "another on one slice (1 = a slice per trial).")
+  flags.DEFINE_list("tpu_steps", list(launchers.TPU_STEPS), "tpu_vm: launch/tpu_vm.sh "
+                    "steps per slice; a re-run whose slices exist: --tpu_steps=train.")
+  flags.DEFINE_string("name", "vimjax-sweep", "tpu_vm slice-name prefix / SLURM job name.")
+  flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples per fit.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
+  if not FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
-  workdir = _WORKDIR.value if "://" in _WORKDIR.value else os.path.abspath(_WORKDIR.value)
-  if _COLLECT.value:
-    if _SWEEP.value:
+  workdir = FLAGS.workdir if "://" in FLAGS.workdir else os.path.abspath(FLAGS.workdir)
+  if FLAGS.collect:
+    if FLAGS.sweep:
       raise app.UsageError("--collect reads WORKDIR/sweep.json; drop --sweep.")
-    result = report.collect_and_fit(workdir, _BOOTSTRAP.value)
+    result = report.collect_and_fit(workdir, FLAGS.bootstrap)
   else:
-    if not _SWEEP.value:
+    if not FLAGS.sweep:
       raise app.UsageError("--sweep=configs/sweeps/FILE.py is required (or --collect).")
     result = run.launch(
-        _SWEEP.value, workdir, launcher=_LAUNCHER.value, dry_run=_DRY_RUN.value,
-        parallel=_PARALLEL.value, only=tuple(_TRIALS.value),
-        launcher_args=tuple(_LAUNCHER_ARGS.value), trials_per_slice=_TRIALS_PER_SLICE.value,
-        name=_NAME.value, tpu_steps=tuple(_TPU_STEPS.value),
+        FLAGS.sweep, workdir, launcher=FLAGS.launcher, dry_run=FLAGS.dry_run,
+        parallel=FLAGS.parallel, only=tuple(FLAGS.trials),
+        launcher_args=tuple(FLAGS.launcher_args), trials_per_slice=FLAGS.trials_per_slice,
+        name=FLAGS.name, tpu_steps=tuple(FLAGS.tpu_steps),
         distributed=runtime.DISTRIBUTED.value)
-    local_done = _LAUNCHER.value == "local" and not _DRY_RUN.value
+    local_done = FLAGS.launcher == "local" and not FLAGS.dry_run
     if local_done and not runtime.DISTRIBUTED.value:  # Packed slices: collect once, after.
-      result = {**report.collect_and_fit(workdir, _BOOTSTRAP.value), "launch": result}
+      result = {**report.collect_and_fit(workdir, FLAGS.bootstrap), "launch": result}
   sys.stdout.flush()
   runtime.emit_result(result, None, "sweep_result")
 
 
 if __name__ == "__main__":
+  _define_flags()
   errors.run(main)

@@ -101,7 +101,7 @@ _PARAM_COUNTS = {}
 def _non_embedding_params(config) -> int:
   """Cached by (task, model, data): the trials of a sweep share a handful of sizes."""
   from vimjax import model_stats  # pylint: disable=g-import-not-at-top
-  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
+  from vimjax import tasks  # pylint: disable=g-import-not-at-top
   key = json.dumps([config.task, config.model.to_dict(), config.data.to_dict()], sort_keys=True,
                    default=str)
   if key not in _PARAM_COUNTS:

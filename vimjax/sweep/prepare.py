@@ -23,9 +23,9 @@ def shapes_parti(directory: str, *, tokenizer_steps: int, num_train: int, num_ev
   Returns the Parti overrides: tokenizer_workdir, data.source, data.text_tokenizer.
   """
   # Imported here: the launchers and --collect do not need jax's training stack.
-  from configs import vitvqgan  # pylint: disable=g-import-not-at-top
-  from vimjax import encode  # pylint: disable=g-import-not-at-top
-  from vimjax import train_vocab  # pylint: disable=g-import-not-at-top
+  from vimjax import encoding  # pylint: disable=g-import-not-at-top
+  from vimjax.configs import vitvqgan  # pylint: disable=g-import-not-at-top
+  from vimjax.data import vocab  # pylint: disable=g-import-not-at-top
   from vimjax.train import loop  # pylint: disable=g-import-not-at-top
   tok_dir, tokens = os.path.join(directory, "tokenizer"), os.path.join(directory, "tokens")
   tok_config = vitvqgan.get_config("tiny")
@@ -36,10 +36,10 @@ def shapes_parti(directory: str, *, tokenizer_steps: int, num_train: int, num_ev
   logging.info("prepare shapes_parti: tiny ViT-VQGAN, %d steps.", tokenizer_steps)
   loop.train_and_evaluate(tok_config, tok_dir)
   for split, n in (("train", num_train), ("eval", num_eval)):
-    encode.run(tok_config, tok_dir, os.path.join(tokens, split), splits=(split,),
-               num_examples=n, overwrite=True)
-  spm = train_vocab.run("shapes", "train", 2000, vocab_size, os.path.join(directory, "spm"),
-                        overwrite=True)["model"]
+    encoding.run(tok_config, tok_dir, os.path.join(tokens, split), splits=(split,),
+                 num_examples=n, overwrite=True)
+  spm = vocab.run("shapes", "train", 2000, vocab_size, os.path.join(directory, "spm"),
+                  overwrite=True)["model"]
   return {"tokenizer_workdir": tok_dir,
           "data.source": f"array_record:{tokens}/{{split}}/tokens-{{split}}-*.array_record",
           "data.text_tokenizer": spm}

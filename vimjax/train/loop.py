@@ -2,7 +2,7 @@
 
 Restore order: the newest intact checkpoint in `workdir` (same or different
 mesh; broken ones are moved aside), else a fresh initialisation. A task (see
-`Task`) supplies pure functions; this module owns jit, shardings, data,
+vimjax/tasks/base.py) supplies pure functions (`base.Steps`); this module owns jit, shardings, data,
 checkpoints, metrics and MFU. Start-up checks (config, data source, workdir
 lock, writable checkpoints) come before anything is written or compiled; the
 divergence guard is train/guard.py (README "Failure modes").
@@ -12,7 +12,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 from clu import metric_writers
@@ -27,36 +27,15 @@ from vimjax import config_lib
 from vimjax import errors
 from vimjax import flops
 from vimjax import parallel
+from vimjax import tasks
 from vimjax import workdir_lock
 from vimjax.data import pipeline
 from vimjax.evaluation import generative
 from vimjax.evaluation import grid
+from vimjax.tasks import base
 from vimjax.train import guard
 from vimjax.train import preflight
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """The pure functions of one training task.
-
-  Attributes:
-    init: rng -> TrainState whose params carry `nn.Partitioned` logical names.
-    train_step: (state, batch, rng, frozen) -> (state, {name: scalar}).
-    eval_step: (state, batch, frozen) -> {name: per-example array}.
-    summarize_eval: list of host eval outputs -> ({name: float}, images or None),
-      images being a [n, H, W, 3] grid-ready array in [0, 1].
-    frozen: constant inputs of the steps (e.g. perceptual-net weights), or None.
-    compute_dtype: the model's compute dtype, for the measured peak FLOP/s.
-    data_transforms: extra per-example grain maps (e.g. caption tokenization),
-      run in the data workers for the train and eval iterators.
-  """
-  init: Callable[..., Any]
-  train_step: Callable[..., Any]
-  eval_step: Callable[..., Any]
-  summarize_eval: Callable[..., Any]
-  frozen: Any = None
-  compute_dtype: str = "float32"
-  data_transforms: tuple = ()
+from vimjax.train import state as state_lib
 
 
 class _Sigterm:
@@ -79,21 +58,12 @@ class _Sigterm:
     signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
 
 
-def state_shardings(task: Task, mesh, rules, rng):
-  """(abstract unboxed state, NamedShardings) from the params' logical names."""
-  abstract = jax.eval_shape(task.init, rng)
-  shardings = parallel.logical_to_shardings(abstract, mesh, rules)
-  return parallel.unbox(abstract), shardings
+# Re-exported: the binaries and tests build states through the loop's names.
+state_shardings = state_lib.state_shardings
+create_sharded_state = state_lib.create_sharded_state
 
 
-def create_sharded_state(task: Task, mesh, rules, rng):
-  """Initialises the train state directly sharded (never gathered on one device)."""
-  _, shardings = state_shardings(task, mesh, rules, rng)
-  init = jax.jit(lambda r: parallel.unbox(task.init(r)), out_shardings=shardings)
-  return init(rng), shardings
-
-
-def jit_train_step(task: Task, state_shardings, mesh):
+def jit_train_step(task: base.Steps, state_shardings, mesh):
   """The step jitted once with explicit shardings and the state donated."""
   repl = parallel.replicated(mesh)
   return jax.jit(
@@ -103,7 +73,7 @@ def jit_train_step(task: Task, state_shardings, mesh):
       donate_argnums=(0,))
 
 
-def jit_eval_step(task: Task, state_shardings, mesh):
+def jit_eval_step(task: base.Steps, state_shardings, mesh):
   repl = parallel.replicated(mesh)
   # Replicated outputs: every process can fetch the whole eval batch (per-example
   # arrays sharded over processes are not addressable by device_get).
@@ -120,7 +90,7 @@ def _device_batch(host_batch: dict, mesh) -> tuple[dict, int]:
   return pipeline.to_global_batch(batch, mesh), skipped
 
 
-def evaluate(task: Task, eval_step, state, config, mesh) -> tuple[dict, Any]:
+def evaluate(task: base.Steps, eval_step, state, config, mesh) -> tuple[dict, Any]:
   """Runs `eval_step` over `config.num_eval_images` eval images; returns (metrics, images)."""
   iterator = pipeline.create_iterator(
       config.data, split="eval", global_batch_size=config.global_batch_size,
@@ -140,7 +110,6 @@ def evaluate(task: Task, eval_step, state, config, mesh) -> tuple[dict, Any]:
 
 def evaluate_workdir(config, workdir: str) -> dict:
   """Evaluates the latest checkpoint in `workdir`; writes eval_grid.png there."""
-  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top
   config_lib.validate(config, jax.device_count(), jax.process_count())
   mesh = parallel.create_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh)
@@ -198,7 +167,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def _train(config, workdir: str, sigterm, lock) -> dict:
   """The run itself, in a validated and locked workdir."""
-  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top (tasks import loop)
   checkpoint.check_writable(checkpoint.checkpoints_dir(workdir))
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -214,7 +182,7 @@ def _train(config, workdir: str, sigterm, lock) -> dict:
   # Model FLOPs of the unrolled, un-remat'ed step: XLA's count of the compiled
   # step sees a scanned stack once (see flops.py), so MFU uses this instead.
   # Per phase: the tokenizer's GAN branch only runs from adversarial_start_step.
-  flops_phases = flops.model_flops_by_phase(config)
+  flops_phases = flops.model_flops_by_phase(tasks.get(config), config)
   model_flops = flops_phases[-1][1]
   step_flops = model_flops / jax.device_count()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -4,6 +4,8 @@ from typing import Any
 from flax import struct
 import jax
 
+from vimjax import parallel
+
 
 @struct.dataclass
 class TrainState:
@@ -23,3 +25,17 @@ class TrainState:
   opt_state: Any
   ema_params: Any
   extra: Any
+
+
+def state_shardings(steps, mesh, rules, rng):
+  """(abstract unboxed state, NamedShardings) of `steps.init` from the params' logical names."""
+  abstract = jax.eval_shape(steps.init, rng)
+  shardings = parallel.logical_to_shardings(abstract, mesh, rules)
+  return parallel.unbox(abstract), shardings
+
+
+def create_sharded_state(steps, mesh, rules, rng):
+  """Initialises the train state directly sharded (never gathered on one device)."""
+  _, shardings = state_shardings(steps, mesh, rules, rng)
+  init = jax.jit(lambda r: parallel.unbox(steps.init(r)), out_shardings=shardings)
+  return init(rng), shardings

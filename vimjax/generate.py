@@ -1,35 +1,10 @@
-r"""python -m vimjax.sample --workdir=DIR --prompt="a red circle at the center" --out=grid.png
+"""Images from trained workdirs: sample a VIM/Parti workdir, decode with its tokenizer.
 
-Samples images from a trained stage-2 workdir (VIM or Parti) and decodes the
-tokens with the stage-1 tokenizer its config names (`tokenizer_workdir`).
-
-  Parti: --prompt="..." (repeatable) or --prompts_file=F (one prompt a line).
-  VIM:   --class_id=K (repeatable); none for an unconditional model.
-  Both:  --num_samples=N per prompt / class, --cfg_scale, --temperature,
-         --top_k, --top_p (defaults: the workdir's config.sampling), --seed,
-         --no_cache (the uncached reference path: same seed, same tokens in
-         float32; bfloat16 rounding can flip a near-tie token),
-         --batch_size (images per sampling call, 0 = all), --warmup.
-  Parti reranking (as Parti: 16 samples per prompt, reranked by a contrastive
-  model): --rerank_workdir=W (a `task: contrastive` run, configs/contrastive.py)
-  --num_candidates=K samples K per prompt and keeps the --num_samples
-  best-scoring ones (best first; --num_samples=1 keeps the best).
-
-Writes the PNG grid (one row per prompt / class when num_samples <= 16, each
-tile captioned with its prompt or class name), the token ids next to it as
-`<out stem>_tokens.npy` (int32 [num_conditions * num_samples, grid^2], grouped
-by condition) and prints a final JSON line {"out", "tokens", "num_images",
-"sec_per_image", ...}; for shapes prompts also `prompt_adherence` (the analytic
-checker of vimjax/data/shapes.py: exactly the prompt's cells occupied, each in
-its colour, as the demo scores it) and for VIM on shapes `class_accuracy`.
-With reranking, `prompt_adherence` is the kept samples'; `candidate_prompt_adherence`
-that of all K candidates (the same seed and model without reranking) and
-`oracle_prompt_adherence` the fraction of prompts with an adhering candidate.
-
-Sampling runs sharded on the workdir's mesh (config.mesh; override with
---config.mesh.*): only the params (EMA ones when optimizer.ema_decay > 0) are
-restored, straight into their shardings. `sec_per_image` includes compilation
-unless --warmup.
+The library behind `python -m vimjax.sample` (see vimjax/sample/__main__.py for
+the flags and outputs), the demo and the FID evaluation of samples: restoring
+params straight into their shardings, loading the stage-1 tokenizer, sampling
+with the task's sampler (`base.Task.make_sampler`), reranking with a
+contrastive workdir, the shapes checker's scores and the PNG grid.
 """
 import functools
 import json
@@ -37,8 +12,6 @@ import os
 import sys
 import time
 
-from absl import app
-from absl import flags
 from absl import logging
 from etils import epath
 import flax.linen as nn
@@ -49,20 +22,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vimjax import checkpoint
-from vimjax import errors
 from vimjax import parallel
 from vimjax import reranking
-from vimjax import runtime
-from vimjax import sampling
+from vimjax import tasks
 from vimjax.data import shapes
 from vimjax.data import text
 from vimjax.evaluation import grid
 from vimjax.models import vit_vqgan
-from vimjax.train import loop
-from vimjax.train import tasks
-from vimjax.train import tokenizer as tokenizer_task
+from vimjax.tasks import base
+from vimjax.tasks import tokenizer as tokenizer_task
+from vimjax.train import state as state_lib
 
-STAGE2 = ("vim", "parti")
 MAX_GRID_COLUMNS = 16
 
 
@@ -109,9 +79,9 @@ def restore_params(workdir: str, abstract, shardings, *, group: str, ema: bool):
 
 
 def load_stage2_params(config, workdir: str, mesh, rules):
-  """(params sharded on `mesh`, step) of a VIM/Parti workdir's latest checkpoint."""
-  task = tasks.build(config, mesh)
-  abstract, shardings = loop.state_shardings(task, mesh, rules, jax.random.key(0))
+  """(params sharded on `mesh`, step) of a stage-2 (or contrastive) workdir's latest checkpoint."""
+  steps = tasks.build(config, mesh)
+  abstract, shardings = state_lib.state_shardings(steps, mesh, rules, jax.random.key(0))
   ema = config.optimizer.ema_decay > 0
   which = (lambda s: s.ema_params["model"]) if ema else (lambda s: s.params["model"])
   return restore_params(workdir, which(abstract), which(shardings), group="model", ema=ema)
@@ -125,10 +95,7 @@ def decode_tokens(model: vit_vqgan.Model, params, tokens):
 
 def load_tokenizer(tokenizer_workdir: str, mesh, rules):
   """(tokenizer config, vit_vqgan.Model, generator params sharded on `mesh`)."""
-  tok_config = checkpoint.load_workdir_config(tokenizer_workdir, "--tokenizer_workdir")
-  if tok_config.get("task") != "tokenizer":
-    raise ValueError(f"tokenizer_workdir={tokenizer_workdir!r} holds task="
-                     f"{tok_config.get('task')!r}; it must be a tokenizer workdir.")
+  tok_config = tokenizer_task.load_workdir_config(tokenizer_workdir, "tokenizer_workdir")
   model = tokenizer_task.build_model(tok_config)
   size = tok_config.data.image_size
   boxed = jax.eval_shape(lambda: model.init(
@@ -150,28 +117,31 @@ def _check_compatible(config, model, tok_config, tok_model) -> None:
                      f"((image_size / patch_size)^2); check model.grid_size.")
 
 
-def _conditions(config, model, prompts, class_ids):
-  """(condition values, their captions) for the task; raises on a bad request."""
-  if config.task == "parti":
+def _conditions(config, kind: str, prompts, class_ids):
+  """(condition values, their captions) for the conditioning `kind`; raises on a bad request."""
+  if kind == "prompt":
     if class_ids:
-      raise ValueError(f"--class_id is for VIM; {config.task!r} takes --prompt / --prompts_file.")
+      raise ValueError(f"--class_id is for class-conditional models; {config.task!r} takes "
+                       "--prompt / --prompts_file.")
     if not prompts:
-      raise ValueError("Parti needs prompts: pass --prompt=\"...\" (repeatable) or "
-                       "--prompts_file=FILE (one prompt a line).")
+      raise ValueError(f"{config.task.capitalize()} needs prompts: pass --prompt=\"...\" "
+                       "(repeatable) or --prompts_file=FILE (one prompt a line).")
     return list(prompts), list(prompts)
   if prompts:
-    raise ValueError("--prompt/--prompts_file are for Parti; VIM takes --class_id=K.")
-  if model.num_classes == 0:
+    raise ValueError(f"--prompt/--prompts_file are for text-conditioned models; {config.task!r} "
+                     "takes --class_id=K (class-conditional) or nothing.")
+  num_classes = config.model.get("num_classes", 0)
+  if kind == "none":
     if class_ids:
-      raise ValueError(f"--class_id={class_ids[0]}: this VIM is unconditional "
+      raise ValueError(f"--class_id={class_ids[0]}: this {config.task!r} model is unconditional "
                        "(model.num_classes=0); pass no --class_id.")
     return [None], ["unconditional"]
   if not class_ids:
-    raise ValueError(f"This VIM is class-conditional (model.num_classes={model.num_classes}): "
-                     f"pass --class_id=K with K in [0, {model.num_classes}).")
+    raise ValueError(f"This {config.task!r} model is class-conditional (model.num_classes="
+                     f"{num_classes}): pass --class_id=K with K in [0, {num_classes}).")
   for k in class_ids:
-    if not 0 <= k < model.num_classes:
-      raise ValueError(f"--class_id={k} out of range; valid: 0..{model.num_classes - 1}.")
+    if not 0 <= k < num_classes:
+      raise ValueError(f"--class_id={k} out of range; valid: 0..{num_classes - 1}.")
   return list(class_ids), [_class_caption(config, k) for k in class_ids]
 
 
@@ -191,9 +161,9 @@ def _class_caption(config, label: int) -> str:
   return f"class {label}"
 
 
-def _shapes_metrics(config, conditions, num_samples, images) -> dict:
-  """prompt_adherence (Parti, every prompt in the grammar) or class_accuracy (VIM)."""
-  if config.task == "parti":
+def _shapes_metrics(config, kind: str, conditions, num_samples, images) -> dict:
+  """prompt_adherence (prompts, every one in the grammar) or class_accuracy (classes)."""
+  if kind == "prompt":
     try:
       scenes = [shapes.parse_caption(p) for p in conditions]
     except ValueError:
@@ -214,7 +184,7 @@ def load_reranker(rerank_workdir: str, config, mesh, rules):
   """(scorer: (tokens, text_ids) -> [b] scores, its TextTokenizer) of a contrastive workdir."""
   rerank_config = checkpoint.load_workdir_config(rerank_workdir, "--rerank_workdir")
   reranking.check_compatible(rerank_config, config, rerank_workdir)
-  model = tasks.TASKS[rerank_config.task].build_model(rerank_config)
+  model = tasks.get(rerank_config).build_model(rerank_config)
   params, _ = load_stage2_params(rerank_config, rerank_workdir, mesh, rules)
   tokenizer = text.TextTokenizer(rerank_config.data.text_tokenizer,
                                  rerank_config.model.max_text_length)
@@ -259,13 +229,12 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
     sampling settings, and prompt_adherence / class_accuracy when they apply
     (N = len(conditions) * num_samples, grouped by condition).
   """
-  if config.get("task") not in STAGE2:
-    raise ValueError(f"--workdir={workdir!r} holds task={config.get('task')!r}; sampling "
-                     f"needs a stage-2 workdir (task one of {STAGE2}).")
+  task = tasks.get_sampling(config, f"--workdir={workdir!r}")
+  kind = task.conditioning(config)
   if num_samples < 1:
     raise ValueError(f"--num_samples={num_samples} must be >= 1.")
   if rerank_workdir:
-    if config.task != "parti":
+    if kind != "prompt":
       raise ValueError(f"--rerank_workdir scores prompts; {config.task!r} has none (Parti only).")
     if num_candidates < num_samples:
       raise ValueError(f"--num_candidates={num_candidates} must be >= --num_samples="
@@ -276,15 +245,13 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
   if not config.tokenizer_workdir or not epath.Path(config.tokenizer_workdir).is_dir():
     raise ValueError(f"tokenizer_workdir={config.tokenizer_workdir!r} (from {workdir!r}'s "
                      "config) does not exist; pass --config.tokenizer_workdir=DIR.")
-  s = config.sampling
-  settings = dict(cfg_scale=s.cfg_scale if cfg_scale is None else cfg_scale,
-                  temperature=s.temperature if temperature is None else temperature,
-                  top_k=s.top_k if top_k is None else top_k,
-                  top_p=s.top_p if top_p is None else top_p)
-  use_cache = bool(s.use_cache if use_cache is None else use_cache)
+  overrides = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                   use_cache=use_cache)
+  settings = base.sampling_settings(config, **overrides)
+  use_cache = settings.pop("use_cache")
 
-  model = tasks.TASKS[config.task].build_model(config)
-  conditions, captions = _conditions(config, model, list(prompts), list(class_ids))
+  model = task.build_model(config)
+  conditions, captions = _conditions(config, kind, list(prompts), list(class_ids))
   mesh = parallel.create_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -298,16 +265,14 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
     num_chunks = -(-num_images // chunk)
     padded = rows + [rows[-1]] * (num_chunks * chunk - num_images)
     extra = {}
-    if config.task == "parti":
+    if kind == "prompt":
       tokenizer = text.TextTokenizer(config.data.text_tokenizer, config.model.max_text_length)
       inputs = tokenizer.encode(padded)[0]
       extra["text_truncated"] = warn_truncated(tokenizer, conditions)
-      sample = lambda x, rng: sampling.sample_parti(model, params, x, rng=rng,
-                                                    use_cache=use_cache, **settings)
     else:
       inputs = None if rows[0] is None else np.asarray(padded, np.int32)
-      sample = lambda x, rng: sampling.sample_vim(model, params, x, rng=rng, use_cache=use_cache,
-                                                  batch_size=chunk, **settings)
+    sampler = task.make_sampler(config, model, batch_size=chunk, **overrides)
+    sample = lambda x, rng: sampler(params, x, rng)
     batch_sharding = parallel.batch_sharding(mesh)
 
     def call(c):
@@ -335,7 +300,7 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
                                for c, t in enumerate(token_chunks)])[:num_images]
   images = np.clip(images.astype(np.float32), 0.0, 1.0)
   if rerank_workdir:
-    candidates = _shapes_metrics(config, conditions, per_condition, images)
+    candidates = _shapes_metrics(config, kind, conditions, per_condition, images)
     kept = reranking.best_per_condition(scores, per_condition, num_samples)
     tokens, images, num_images = tokens[kept], images[kept], len(kept)
     extra.update(rerank_workdir=rerank_workdir, num_candidates=per_condition,
@@ -352,7 +317,7 @@ def sample_from_workdir(config, workdir: str, *, prompts=(), class_ids=(), num_s
       "sample_s": sample_s, "decode_s": decode_s, "sec_per_image": sample_s / num_images,
       "includes_compile": not warmup,
   }
-  scores = _shapes_metrics(config, conditions, num_samples, images)
+  scores = _shapes_metrics(config, kind, conditions, num_samples, images)
   scores.pop("oracle_prompt_adherence", None)  # Only meaningful over the candidates.
   result.update(scores)
   return result
@@ -377,27 +342,6 @@ def write_outputs(result: dict, out: str) -> dict:
   return summary
 
 
-def _define_flags():
-  """Flags of the binary (defined only when run as a program: names like --workdir are shared)."""
-  flags.DEFINE_string("workdir", None, "A VIM or Parti training workdir.")
-  flags.DEFINE_multi_string("prompt", [], "Parti prompt (repeatable).")
-  flags.DEFINE_string("prompts_file", None, "Parti prompts, one a line.")
-  flags.DEFINE_multi_integer("class_id", [], "VIM class id (repeatable).")
-  flags.DEFINE_integer("num_samples", 4, "Images per prompt / class.")
-  flags.DEFINE_float("cfg_scale", None, "Guidance scale (default: config.sampling).")
-  flags.DEFINE_float("temperature", None, "0 = greedy (default: config.sampling).")
-  flags.DEFINE_integer("top_k", None, "0 = off (default: config.sampling).")
-  flags.DEFINE_float("top_p", None, "1.0 = off (default: config.sampling).")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_bool("no_cache", False, "Uncached reference decoding (same tokens, slower).")
-  flags.DEFINE_integer("batch_size", 0, "Images per sampling call (0 = all at once).")
-  flags.DEFINE_bool("warmup", False, "One untimed call first: sec_per_image without compile.")
-  flags.DEFINE_string("out", "samples.png", "PNG grid path; tokens go next to it.")
-  flags.DEFINE_string("rerank_workdir", None, "Contrastive workdir that reranks Parti samples.")
-  flags.DEFINE_integer("num_candidates", 0, "Samples drawn per prompt when reranking; the "
-                       "--num_samples best are kept.")
-
-
 def warn_truncated(tokenizer, prompts: list[str]) -> int:
   """Counts prompts cut to the model's max_text_length, with a warning naming them."""
   cut = [p for p in prompts if tokenizer.encode([p])[1]]
@@ -408,27 +352,3 @@ def warn_truncated(tokenizer, prompts: list[str]) -> int:
     logging.warning(message)
     print(message, file=sys.stderr, flush=True)
   return len(cut)
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  f = flags.FLAGS
-  runtime.initialize()
-  try:
-    prompts = read_prompts(f.prompt, f.prompts_file)
-    result = sample_from_workdir(
-        f.config, f.workdir, prompts=prompts, class_ids=f.class_id, num_samples=f.num_samples,
-        cfg_scale=f.cfg_scale, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
-        seed=f.seed, use_cache=not f.no_cache, batch_size=f.batch_size, warmup=f.warmup,
-        rerank_workdir=f.rerank_workdir, num_candidates=f.num_candidates)
-    summary = write_outputs(result, f.out)
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f"error: {e}") from None
-  runtime.emit_result(summary, None, "sample_result")
-
-
-if __name__ == "__main__":
-  _define_flags()
-  runtime.define_config_from_workdir("workdir", checkpoint.load_workdir_config)
-  errors.run(main)

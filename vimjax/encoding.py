@@ -1,23 +1,9 @@
-r"""python -m vimjax.encode --tokenizer_workdir=/tmp/vq_tiny --output=/tmp/tokens_tiny
+"""Token records of a dataset: a trained, frozen ViT-VQGAN run once over its splits.
 
-Runs a trained, frozen ViT-VQGAN once over a dataset and writes its token ids
-as ArrayRecord shards for stage 2 (VIM, Parti):
-
-  OUTPUT/tokens-{split}-{shard:05d}-of-{n:05d}.array_record
-      records {"tokens": int32 [grid^2], "label": int32 [], "caption": str}
-  OUTPUT/metadata.json
-      grid_size, codebook_size, image_size, counts, tokenizer workdir and step
-
-The dataset, image size and batch size come from the tokenizer's saved config,
-overridable (typed by it) with --config.*, e.g. --config.data.source=tfds:imagenet2012
---config.global_batch_size=1024. Point stage 2 at the output with
---config.data.source='array_record:OUTPUT/tokens-{split}-*.array_record'.
-
-Each split is read once in order by the eval pipeline (center crops; padding
-rows dropped, corrupt images counted), batches are sharded over the mesh, and
-each JAX process writes its own shards. An OUTPUT that already holds shards is
-refused unless --overwrite. Final line: {"output": ..., "num_examples":
-{split: n}, "shards": k}.
+The library behind `python -m vimjax.encode` (vimjax/encode/__main__.py: flags,
+output layout) and the demo: restores the tokenizer's generator into the
+mesh's shardings, encodes each split with the eval pipeline and writes
+ArrayRecord shards plus metadata.json for stage 2.
 """
 import glob
 import itertools
@@ -25,8 +11,6 @@ import json
 import math
 import os
 
-from absl import app
-from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
@@ -37,34 +21,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vimjax import checkpoint
-from vimjax import errors
 from vimjax import parallel
-from vimjax import runtime
 from vimjax.data import pipeline
 from vimjax.data import sources
-from vimjax.train import tokenizer
-
-def _define_flags():
-  """Flags of the binary (defined only when run as a program: demo.py imports this module)."""
-  flags.DEFINE_string("tokenizer_workdir", None,
-                      "Workdir of a `python -m vimjax.train` tokenizer run.")
-  flags.DEFINE_string("output", None, "Directory for the token shards.")
-  flags.DEFINE_list("splits", ["train", "eval"], "Splits to encode.")
-  flags.DEFINE_integer("num_examples", 0, "Examples per split (0 = all).")
-  flags.DEFINE_integer("examples_per_shard", 100_000, "At most this many records per shard file.")
-  flags.DEFINE_bool("overwrite", False, "Replace the shards already in --output.")
-
+from vimjax.tasks import tokenizer
 
 SHARD_GLOB = "tokens-*.array_record"
 
 
 def load_tokenizer_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a tokenizer run saved in `workdir/config.json`."""
-  config = checkpoint.load_workdir_config(workdir, "--tokenizer_workdir")
-  if config.task != "tokenizer":
-    raise ValueError(f"--tokenizer_workdir={workdir!r} holds a {config.task!r} run; "
-                     "encode needs a 'tokenizer' run.")
-  return config
+  return tokenizer.load_workdir_config(workdir, "--tokenizer_workdir")
 
 
 def restore_generator(config, workdir: str, mesh, rules) -> tuple[dict, int]:
@@ -214,21 +181,3 @@ def run(config, tokenizer_workdir: str, output: str, *, splits=("train", "eval")
     with open(os.path.join(output, "metadata.json"), "w") as f:
       json.dump(metadata, f, indent=2)
   return result
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  f = flags.FLAGS
-  runtime.initialize()
-  result = run(f.config, f.tokenizer_workdir, f.output, splits=tuple(f.splits),
-               num_examples=f.num_examples, examples_per_shard=f.examples_per_shard,
-               overwrite=f.overwrite)
-  runtime.emit_result(result, None, "encode_result")
-
-
-if __name__ == "__main__":
-  _define_flags()
-  runtime.define_config_from_workdir("tokenizer_workdir", load_tokenizer_config)
-  flags.mark_flags_as_required(["tokenizer_workdir", "output"])
-  errors.run(main)

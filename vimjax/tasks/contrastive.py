@@ -24,12 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vimjax import parallel
 from vimjax.data import text
 from vimjax.models import dual_encoder
-from vimjax.train import loop
+from vimjax.tasks import base
+from vimjax.tasks import inputs
 from vimjax.train import optimizers
 from vimjax.train.state import TrainState
+
+NAME = "contrastive"
+INPUT = "tokens"
+EVAL_IMAGES = None  # A dual encoder generates no images.
+LAYER_KEYS = ("image_layers", "text_layers")
+make_sampler = None  # It scores samples (reranking), it does not draw them.
+flops_phases = base.single_phase
 
 
 def build_model(config) -> dual_encoder.DualEncoder:
@@ -96,7 +103,7 @@ def retrieval(logits, positives, valid) -> dict[str, jax.Array]:
   return {"image_to_text": f32(i2t), "text_to_image": f32(t2i), "chance": f32(chance)}
 
 
-def build(config, mesh) -> loop.Task:
+def build(config, mesh) -> base.Steps:
   """Returns the dual encoder's pure init/step/eval functions and its caption transform."""
   del mesh  # Shardings come from logical names.
   model = build_model(config)
@@ -160,14 +167,47 @@ def build(config, mesh) -> loop.Task:
     metrics["num_examples"] = int(valid.sum())
     return metrics, None
 
-  return loop.Task(init=init, train_step=train_step, eval_step=eval_step,
-                   summarize_eval=summarize_eval, compute_dtype=config.model.dtype,
-                   data_transforms=(tokenize,))
+  return base.Steps(init=init, train_step=train_step, eval_step=eval_step,
+                    summarize_eval=summarize_eval, compute_dtype=config.model.dtype,
+                    data_transforms=(tokenize,))
+
 
 
 def abstract_params(config) -> dict:
   """Top-level module / parameter name -> abstract params (nothing materialised)."""
   model = build_model(config)
-  params = jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0)}, *_init_args(model), train=False)["params"])
-  return dict(parallel.unbox(params))
+  return base.abstract_params(model, _init_args(model))
+
+
+def batch_spec(config, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """`mask`, `tokens` int32 [b, grid_size^2], `text_ids` int32 [b, max_text_length],
+  `text_truncated` int32 [b]."""
+  return {**inputs.token_spec(config, batch_size), **inputs.caption_spec(config, batch_size)}
+
+
+def synthetic_batch(config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rs = np.random.RandomState(seed)
+  return {**inputs.synthetic_tokens(config, batch_size, rs),
+          **inputs.synthetic_captions(config, batch_size, rs)}
+
+
+def tokens_per_example(config) -> int:
+  return config.model.grid_size ** 2
+
+
+def validate(config) -> None:
+  inputs.validate_token_source(config)
+  inputs.validate_text_tokenizer(config)
+
+
+def conditioning(config) -> str:
+  del config
+  return "none"
+
+
+def condition_spec(config, batch_size: int) -> None:
+  del config, batch_size
+
+
+def synthetic_conditions(config, batch_size: int, seed: int = 0) -> None:
+  del config, batch_size, seed

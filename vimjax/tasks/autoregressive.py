@@ -1,10 +1,11 @@
 """Stage-2 training shared by VIM and Parti: next-image-token cross-entropy.
 
 A family module (vim.py, parti.py) builds its model and says how a batch feeds
-it (an `apply_fn`); this module owns the rest: the train state, classifier-free
-guidance condition dropout, the loss (softmax cross-entropy over image tokens
-in float32 plus an optional z-loss) and the eval sums behind held-out loss and
-bits per token.
+it (an `apply_fn`) and how it samples; this module owns the rest: the train
+state, classifier-free guidance condition dropout, the loss (softmax
+cross-entropy over image tokens in float32 plus an optional z-loss), the eval
+sums behind held-out loss and bits per token, and the `base.Task` parts the two
+families share.
 
 Batch fields: `tokens` int32 [b, n] (n = model.grid_size^2, written by
 `python -m vimjax.encode`), `mask` int32 [b] (0 for eval padding rows) and the
@@ -21,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vimjax import parallel
-from vimjax.train import loop
+from vimjax.tasks import base
+from vimjax.tasks import inputs
 from vimjax.train import optimizers
 from vimjax.train.state import TrainState
 
@@ -41,6 +42,20 @@ def transformer_kwargs(model_config) -> dict[str, Any]:
               dropout_rate=m.dropout_rate, scan_layers=m.scan_layers,
               remat_policy=m.remat_policy, dtype=jnp.dtype(m.dtype),
               param_dtype=jnp.dtype(m.param_dtype))
+
+
+INPUT = "tokens"
+EVAL_IMAGES = "samples"
+flops_phases = base.single_phase
+
+
+def tokens_per_example(config) -> int:
+  return config.model.grid_size ** 2
+
+
+def validate(config) -> None:
+  """Checks shared by VIM and Parti (the token source); families add their own."""
+  inputs.validate_token_source(config)
 
 
 def drop_condition_mask(rng, batch_size: int, rate: float) -> jax.Array:
@@ -77,7 +92,7 @@ def _check_tokens(tokens, num_tokens: int):
 
 
 def build_task(config, model, init_args: tuple, apply_fn: ApplyFn, *, conditional: bool,
-               data_transforms: tuple = ()) -> loop.Task:
+               data_transforms: tuple = ()) -> base.Steps:
   """Returns the pure init/step/eval functions of a stage-2 task.
 
   Args:
@@ -160,13 +175,7 @@ def build_task(config, model, init_args: tuple, apply_fn: ApplyFn, *, conditiona
     metrics.update({k: float(v[valid].sum()) for k, v in cat.items()})
     return metrics, None
 
-  return loop.Task(init=init, train_step=train_step, eval_step=eval_step,
-                   summarize_eval=summarize_eval, compute_dtype=config.model.dtype,
-                   data_transforms=tuple(data_transforms))
+  return base.Steps(init=init, train_step=train_step, eval_step=eval_step,
+                    summarize_eval=summarize_eval, compute_dtype=config.model.dtype,
+                    data_transforms=tuple(data_transforms))
 
-
-def abstract_params(model, init_args: tuple) -> dict:
-  """Top-level module / parameter name -> abstract params (nothing materialised)."""
-  params = jax.eval_shape(
-      lambda: model.init({"params": jax.random.key(0)}, *init_args, train=False)["params"])
-  return dict(parallel.unbox(params))
