@@ -12,13 +12,11 @@ its schedule at the global step.
 """
 import functools
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from vimjax import checkpoint
 from vimjax import losses
@@ -72,17 +70,10 @@ def load_pretrained(workdir: str) -> tuple[dict, np.ndarray]:
   """
   source = checkpoint.load_workdir_config(workdir, "--config.finetune_decoder_from")
   group = "ema_params" if source.optimizer.ema_decay > 0 else "params"
-  manager = ocp.CheckpointManager(checkpoint.checkpoints_dir(workdir))
-  step = manager.latest_step()
-  if step is None:
-    raise ValueError(f"finetune_decoder_from={workdir!r} has no checkpoint under "
-                     f"{workdir}/checkpoints.")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  logging.info("Loaded the tokenizer's %s (generator) from %s step %d.", group, workdir, step)
-  state = restored.state
-  return (jax.tree.map(np.asarray, state[group]["generator"]),
-          np.asarray(state["extra"]["usage_ema"]))
+  flag = "--config.finetune_decoder_from"
+  params, step = checkpoint.restore_params(workdir, f"{group}/generator", flag=flag)
+  usage, _ = checkpoint.restore_params(workdir, "extra/usage_ema", step=step, flag=flag)
+  return params, usage
 
 
 def _check_pretrained_shapes(config, abstract: dict, pretrained: dict):
