@@ -226,9 +226,3 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
                                               None if "fsdp" in named else name))
   return jax.tree_util.tree_map_with_path(sharding, mesh_specs, unboxed,
                                           is_leaf=lambda s: isinstance(s, P))
-
-
-def describe_shardings(shardings: Any) -> str:
-  """One line per leaf `path: PartitionSpec`, for logs and tests."""
-  flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-  return "\n".join(f"{jax.tree_util.keystr(k)}: {s.spec}" for k, s in flat)

@@ -162,7 +162,7 @@ def build(config, mesh) -> loop.Task:
           decoded["mu_logit"], decoded["log_scale"], images)
       total += lw.logit_laplace_weight * terms["logit_laplace"]
     if lpips is not None:
-      terms["perceptual"] = jnp.mean(lpips.apply({"params": lpips_params}, recon, images))
+      terms["perceptual"] = losses.perceptual_loss(lpips, lpips_params, recon, images)
       total += lw.perceptual_weight * terms["perceptual"]
     if lw.entropy_weight > 0:
       terms["entropy"] = losses.entropy_penalty(aux["similarity"], lw.entropy_temperature)
@@ -234,12 +234,10 @@ def build(config, mesh) -> loop.Task:
                              if k in ema_g}}
       ema_params = {"generator": ema_g}
     counts = aux["code_counts"]
-    probs = counts / jnp.maximum(counts.sum(), 1.0)
     metrics.update(
         g_grad_norm=optax.global_norm(g_grads), g_param_norm=optax.global_norm(new_g),
         g_update_norm=optax.global_norm(g_updates), lr=g_lr(state.step),
-        batch_codebook_usage=jnp.mean(counts > 0),
-        batch_perplexity=jnp.exp(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-12)))))
+        batch_codebook_usage=jnp.mean(counts > 0), batch_perplexity=codebook_metrics.perplexity(counts))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema_params, extra=extra)
     return new_state, metrics
