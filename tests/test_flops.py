@@ -3,6 +3,7 @@ import numpy as np
 
 from vimjax.configs import vim as vim_config
 from vimjax import flops
+from vimjax import flops_cache
 from vimjax import tasks
 from vimjax.data import sources
 from vimjax.train import loop
@@ -41,6 +42,27 @@ def test_loop_reports_model_flops_of_a_scanned_config(tmp_path):
   assert result["flops_per_step_per_device"] * 8 == analytic
   # XLA's count of the compiled, scanned program sees the 3-layer body once.
   assert result["compiled_flops_per_device"] * 8 < 0.8 * analytic
+
+
+def test_a_restart_reads_the_flops_count_and_lowers_nothing(tmp_path, monkeypatch):
+  for split in ("train", "eval"):
+    sources.write_array_record(
+        str(tmp_path / f"tokens-{split}-00000-of-00001.array_record"),
+        ({"tokens": (np.arange(GRID * GRID) + i) % VOCAB, "label": np.int32(i % 2)}
+         for i in range(16)))
+  config = _vim_config(f"array_record:{tmp_path}/tokens-{{split}}-*.array_record",
+                       scan_layers=True)
+  first = loop.train_and_evaluate(config, str(tmp_path / "work"))
+  assert (tmp_path / "work" / flops_cache.CACHE_FILE).exists()
+
+  def lower(*args, **kwargs):
+    raise AssertionError("a restart lowered the unrolled step again")
+  monkeypatch.setattr(flops, "model_flops_per_step", lower)
+  with config.unlocked():
+    config.total_steps = 2  # Resumes from step 1.
+  second = loop.train_and_evaluate(config, str(tmp_path / "work"))
+  assert second["step"] == 2 and second["flops_per_step"] == first["flops_per_step"] > 0
+  assert second["mfu"] > 0
 
 
 def test_batch_specs_match_the_synthetic_batches():

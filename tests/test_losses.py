@@ -12,11 +12,10 @@ def _rand(seed, shape, lo=-1.0, hi=1.0):
   return np.random.default_rng(seed).uniform(lo, hi, shape).astype(np.float32)
 
 
-def test_l2_l1_match_numpy():
+def test_l2_matches_numpy():
   a, b = _rand(0, (2, 4, 4, 3)), _rand(1, (2, 4, 4, 3))
   a64, b64 = a.astype(np.float64), b.astype(np.float64)
   np.testing.assert_allclose(losses.l2_loss(a, b), np.mean((a64 - b64) ** 2), rtol=1e-6)
-  np.testing.assert_allclose(losses.l1_loss(a, b), np.mean(np.abs(a64 - b64)), rtol=1e-6)
 
 
 def _np_logit_laplace_nll(mu, log_b, x, eps):
@@ -55,12 +54,6 @@ def test_logit_laplace_is_a_density_in_x_prime(mu, b, eps):
   nll = losses.logit_laplace_nll(np.full_like(x, mu), np.full_like(x, np.log(b)), x, eps)
   density = np.exp(-np.asarray(nll, np.float64))
   assert np.trapezoid(density, y) == pytest.approx(1.0, abs=2e-3)
-
-
-def test_logit_laplace_decode_inverts_the_squash():
-  x = np.linspace(0.0, 1.0, 11)
-  y = 0.8 * x + 0.1
-  np.testing.assert_allclose(losses.logit_laplace_decode(np.log(y / (1 - y))), x, atol=1e-6)
 
 
 def test_logit_laplace_loss_is_minimised_at_the_target():

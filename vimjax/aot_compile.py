@@ -41,7 +41,6 @@ e.g. --config.mesh.fsdp=64 --config.mesh.tensor=8 --config.global_batch_size=204
 Run as a program it compiles on CPU (it sets JAX_PLATFORMS=cpu unless given,
 before jax starts); libtpu must be installed (`pip install -e .[tpu]`).
 """
-import dataclasses
 import importlib.util
 import os
 import re
@@ -59,6 +58,7 @@ import numpy as np
 
 from vimjax import errors
 from vimjax import flops
+from vimjax import hardware
 from vimjax import parallel
 from vimjax import roofline
 from vimjax import runtime
@@ -70,21 +70,7 @@ MODES = ("train", "sample", "both")
 GIB = 1024 ** 3
 
 
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """A TPU generation as libtpu names it, with its HBM per chip."""
-  libtpu_name: str  # Prefix of libtpu's topology name.
-  chip_config: str  # "megacore": one device per chip of two TensorCores.
-  dims: int  # Torus dimensions of a slice.
-  hbm_bytes: int
-
-
-CHIPS = {
-    "v4": Chip("v4", "megacore", 3, 32 * GIB),
-    "v5p": Chip("v5", "megacore", 3, 95 * GIB),
-    "v5e": Chip("v5e", "default", 2, 16 * GIB),
-    "v6e": Chip("v6e", "default", 2, 32 * GIB),
-}
+CHIPS = hardware.TPUS  # libtpu names, torus dims and HBM of each TPU generation.
 TOPOLOGY_FORMS = "v4:AxBxC, v5p:AxBxC, v5e:AxB or v6e:AxB (e.g. v4:8x8x8, v5e:16x16)"
 
 
@@ -380,7 +366,7 @@ def run(config, *, topology: str, mode: str = "both", sample_batch_size: int = 0
   synthetic.prepare_config(config, len(devices), num_hosts)
   hbm_bytes = int(hbm_gib * GIB) if hbm_gib else CHIPS[chip].hbm_bytes
   kind = devices[0].device_kind
-  peak = config.peak_flops_per_device or flops.KNOWN_PEAKS[kind]
+  peak = config.peak_flops_per_device or CHIPS[chip].peak_flops
   mesh = parallel.create_mesh(config.mesh, devices)
   result = {
       "topology": topology, "chip": chip, "device_kind": kind, "num_chips": len(devices),

@@ -24,6 +24,7 @@ import grain
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from vimjax import errors
@@ -181,21 +182,26 @@ class Checkpointer:
     Raises ValueError when it is intact but holds a different state than
     `abstract_state` (a changed model config, not a broken file).
     """
+    why, saved = self.saved_state(step)
+    if why is None:
+      _check_same_structure(step, saved, abstract_state)
+    return why
+
+  def saved_state(self, step: int) -> tuple[str | None, Any]:
+    """(why checkpoint `step` is broken or None, the saved state's metadata tree)."""
     step_dir = epath.Path(self.directory) / str(step)
     try:
       if not step_dir.is_dir() or not any(step_dir.iterdir()):
-        return "an empty folder"
+        return "an empty folder", None
       json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())
       for item in ("state", "config"):
         if not (step_dir / item).is_dir():
-          return f"no {item!r} item"
+          return f"no {item!r} item", None
       if not (step_dir / "state" / "manifest.ocdbt").exists():
-        return "no state/manifest.ocdbt"
-      saved = ocp.StandardCheckpointHandler().metadata(step_dir / "state")
+        return "no state/manifest.ocdbt", None
+      return None, ocp.StandardCheckpointHandler().metadata(step_dir / "state")
     except (OSError, ValueError) as e:
-      return errors.one_line(e)[:300]
-    _check_same_structure(step, saved, abstract_state)
-    return None
+      return errors.one_line(e)[:300], None
 
   def move_aside(self, step: int, why: str) -> str:
     """Moves checkpoint `step` to WORKDIR/checkpoints_broken/ (never deletes it)."""
@@ -279,3 +285,89 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs that carry the target shardings (for resharding restores)."""
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_params(workdir: str, subtree: str, abstract: Any = None, shardings: Any = None, *,
+                   step: int | None = None, flag: str = "--workdir") -> tuple[Any, int]:
+  """One subtree of the newest intact checkpoint's train state, e.g. the EMA generator.
+
+  Only that subtree is read (orbax partial restore): the optimizer state and the
+  other groups stay on disk, and arrays land straight in `shardings`. A broken
+  newest checkpoint is skipped with a warning, never moved: evaluation and
+  sampling binaries must not change a training workdir.
+
+  Args:
+    workdir: a training workdir, local or gs:// (checkpoints in WORKDIR/checkpoints).
+    subtree: '/'-separated keys into the saved TrainState, e.g. "ema_params/model",
+      "params/generator", "extra/usage_ema".
+    abstract: the subtree's shapes and dtypes (e.g. the unboxed `jax.eval_shape` of
+      the model's init); None takes them from the checkpoint. A mismatch raises.
+    shardings: the matching shardings to restore onto; None restores host numpy arrays.
+    step: restore exactly this step (no fallback), e.g. a second subtree of one step.
+    flag: the flag that named `workdir`, for error messages.
+  Returns:
+    (the subtree, its step).
+  Raises:
+    ValueError, one line: no checkpoint, none intact, or a subtree that differs
+    from `abstract` (a changed model config).
+  """
+  directory = checkpoints_dir(workdir)
+  if not epath.Path(directory).is_dir():
+    raise ValueError(f"{flag}={workdir!r} has no checkpoints/ folder; pass the workdir of a "
+                     "`python -m vimjax.train` run.")
+  keys = tuple(subtree.split("/"))
+  ckpt = Checkpointer(workdir, every_steps=1, keep=1, async_save=False, read_only=True)
+  broken = []
+  try:
+    steps = ckpt.manager.all_steps() if step is None else [step]
+    for s in sorted(steps, reverse=True):
+      why, saved = ckpt.saved_state(s)
+      if why is None:
+        item, restore_args = _restore_target(
+            s, _subtree(saved.tree, keys, s, subtree), abstract, shardings, keys)
+        try:
+          restored = ckpt.manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+              item=item, restore_args=restore_args, partial_restore=True)))
+          logging.info("Restored %s of %s step %d.", subtree, directory, s)
+          return _subtree(restored.state, keys, s, subtree), s
+        except Exception as e:  # pylint: disable=broad-except (any unreadable byte)
+          why = f"restore failed: {errors.one_line(e)[:300]}"
+      broken.append(f"{s} ({why})")
+      print(f"warning: checkpoint {directory}/{s} is broken ({why}); trying the previous one.",
+            flush=True)
+  finally:
+    ckpt.close()
+  if not broken:
+    raise ValueError(f"{flag}={workdir!r} has no checkpoint under {directory}; train it first "
+                     "with `python -m vimjax.train`.")
+  raise ValueError(f"{flag}={workdir!r} has no intact checkpoint under {directory}; broken: "
+                   f"{', '.join(broken)}.")
+
+
+def _subtree(tree: Any, keys: tuple[str, ...], step: int, subtree: str) -> Any:
+  for i, key in enumerate(keys):
+    if not isinstance(tree, dict) or key not in tree:
+      have = sorted(tree) if isinstance(tree, dict) else []
+      raise ValueError(f"checkpoint {step} has no {'/'.join(keys[:i + 1])!r} (asked for "
+                       f"{subtree!r}); it has {have}.")
+    tree = tree[key]
+  return tree
+
+
+def _restore_target(step: int, saved: Any, abstract: Any, shardings: Any,
+                    keys: tuple[str, ...]) -> tuple[Any, Any]:
+  """(partial-restore item, its RestoreArgs), both nested under `keys`."""
+  if abstract is not None:
+    _check_same_structure(step, saved, abstract)
+  else:
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+  if shardings is None:  # Host numpy arrays, no placeholder memory.
+    item = abstract
+    args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype),
+                        abstract)
+  else:
+    item = abstract_with_shardings(abstract, shardings)
+    args = ocp.checkpoint_utils.construct_restore_args(item)
+  for key in reversed(keys):
+    item, args = {key: item}, {key: args}
+  return item, args

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from vimjax import checkpoint
 from vimjax import parallel
@@ -45,21 +44,10 @@ def restore_generator(config, workdir: str, mesh, rules) -> tuple[dict, int]:
   size = config.data.image_size
   boxed = jax.eval_shape(lambda: model.init(
       {"params": jax.random.key(0)}, jnp.zeros((1, size, size, 3)), train=False)["params"])
-  abstract = checkpoint.abstract_with_shardings(
-      parallel.unbox(boxed), parallel.logical_to_shardings(boxed, mesh, rules))
   group = "ema_params" if config.optimizer.ema_decay > 0 else "params"
-  item = {group: {"generator": abstract}}
-  manager = ocp.CheckpointManager(checkpoint.checkpoints_dir(workdir))
-  step = manager.latest_step()
-  if step is None:
-    raise ValueError(f"--tokenizer_workdir={workdir!r} has no checkpoint under "
-                     f"{workdir}/checkpoints.")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)))
-  manager.close()
-  logging.info("Restored the tokenizer's %s from %s step %d.", group, workdir, step)
-  return restored.state[group]["generator"], step
+  return checkpoint.restore_params(
+      workdir, f"{group}/generator", parallel.unbox(boxed),
+      parallel.logical_to_shardings(boxed, mesh, rules), flag="--tokenizer_workdir")
 
 
 def _sum_over_processes(values: dict[str, int]) -> dict[str, int]:

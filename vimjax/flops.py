@@ -9,8 +9,8 @@ a `while` body once (so a scanned stack of N layers counts as one layer) and it
 counts remat recomputation, so the compiled program's own count understates
 scanned models and overstates rematerialised ones. Nothing is compiled here.
 
-The peak comes from the config, else from a table of known accelerators, else
-it is measured once with a large matmul on one device.
+The peak comes from the config, else from `hardware.CHIPS`, else it is measured
+once with a large matmul on one device (with a warning).
 """
 import functools
 import time
@@ -21,23 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vimjax import hardware
 from vimjax import parallel
-
-# Dense bf16 peak FLOP/s per chip (vendor numbers).
-KNOWN_PEAKS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-}
-
 
 def compiled_flops(compiled) -> float:
   """FLOPs of one call of a compiled (per-device) or lowered (global) program; 0 if unknown."""
@@ -119,12 +104,14 @@ def measure_peak_flops(dtype_name: str = "float32", size: int = 2048, repeats: i
 
 
 def peak_flops_per_device(configured: float, dtype_name: str) -> float:
-  """The configured peak if > 0, a known accelerator's, else a measured one."""
+  """The configured peak if > 0, the device's from `hardware.CHIPS`, else a measured one."""
   if configured > 0:
     return configured
   kind = jax.devices()[0].device_kind
-  if kind in KNOWN_PEAKS:
-    return KNOWN_PEAKS[kind]
+  peak = hardware.peak_flops(kind)  # Warns when the kind is unknown.
+  if peak is not None:
+    return peak
   peak = measure_peak_flops(dtype_name)
-  logging.info("Measured peak of %s (%s matmul): %.3g FLOP/s.", kind, dtype_name, peak)
+  logging.warning("Using the measured peak of %s (%s matmul) for MFU: %.3g FLOP/s.", kind,
+                  dtype_name, peak)
   return peak

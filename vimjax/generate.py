@@ -19,7 +19,6 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from vimjax import checkpoint
 from vimjax import parallel
@@ -47,44 +46,14 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
   return prompts
 
 
-def restore_params(workdir: str, abstract, shardings, *, group: str, ema: bool):
-  """Restores only params[group] (or ema_params[group]) of the latest checkpoint.
-
-  Args:
-    workdir: a training workdir (checkpoints under WORKDIR/checkpoints).
-    abstract: the unboxed abstract params of that group.
-    shardings: matching NamedShardings; arrays are restored straight into them.
-    group: "model" (stage 2) or "generator" (tokenizer).
-    ema: restore the EMA params instead.
-  Returns:
-    (params, step).
-  """
-  directory = checkpoint.checkpoints_dir(workdir)
-  if not epath.Path(directory).is_dir():
-    raise ValueError(f"{workdir!r} has no checkpoints/ folder; train it first with "
-                     "`python -m vimjax.train`.")
-  manager = ocp.CheckpointManager(directory)
-  step = manager.latest_step()
-  if step is None:
-    manager.close()
-    raise ValueError(f"{workdir!r} has no checkpoint under {directory}.")
-  key = "ema_params" if ema else "params"
-  target = {key: {group: checkpoint.abstract_with_shardings(abstract, shardings)}}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)))
-  manager.close()
-  logging.info("Restored %s/%s of %s step %d.", key, group, workdir, step)
-  return restored.state[key][group], step
-
-
 def load_stage2_params(config, workdir: str, mesh, rules):
   """(params sharded on `mesh`, step) of a stage-2 (or contrastive) workdir's latest checkpoint."""
   steps = tasks.build(config, mesh)
   abstract, shardings = state_lib.state_shardings(steps, mesh, rules, jax.random.key(0))
   ema = config.optimizer.ema_decay > 0
   which = (lambda s: s.ema_params["model"]) if ema else (lambda s: s.params["model"])
-  return restore_params(workdir, which(abstract), which(shardings), group="model", ema=ema)
+  return checkpoint.restore_params(workdir, "ema_params/model" if ema else "params/model",
+                                   which(abstract), which(shardings))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -100,9 +69,10 @@ def load_tokenizer(tokenizer_workdir: str, mesh, rules):
   size = tok_config.data.image_size
   boxed = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32), train=False)["params"])
-  params, _ = restore_params(
-      tokenizer_workdir, parallel.unbox(boxed), parallel.logical_to_shardings(boxed, mesh, rules),
-      group="generator", ema=tok_config.optimizer.ema_decay > 0)
+  group = "ema_params" if tok_config.optimizer.ema_decay > 0 else "params"
+  params, _ = checkpoint.restore_params(
+      tokenizer_workdir, f"{group}/generator", parallel.unbox(boxed),
+      parallel.logical_to_shardings(boxed, mesh, rules), flag="--tokenizer_workdir")
   return tok_config, model, params
 
 

@@ -1,6 +1,7 @@
 """Tokenizer losses: pure functions of arrays.
 
-Reconstruction (L2, L1, DALL-E logit-Laplace), vector quantisation
+Reconstruction (L2, DALL-E logit-Laplace; the model's
+`vit_vqgan.logit_laplace_mean` decodes the latter), vector quantisation
 (codebook + commitment), codebook entropy, adversarial (non-saturating
 logistic, R1, LeCam) and the LPIPS perceptual glue. Every function computes in
 float32 and returns a scalar mean unless its docstring says otherwise. Means are
@@ -37,12 +38,6 @@ def l2_loss(pred: Array, target: Array) -> Array:
   """
   pred, target = _f32(pred, target)
   return jnp.mean(jnp.square(pred - target))
-
-
-def l1_loss(pred: Array, target: Array) -> Array:
-  """Mean absolute error; shapes as `l2_loss`."""
-  pred, target = _f32(pred, target)
-  return jnp.mean(jnp.abs(pred - target))
 
 
 def _squash(x: Array, eps: float) -> Array:
@@ -95,20 +90,6 @@ def logit_laplace_loss(mu_logit: Array, log_scale: Array, target: Array,
     [] mean of `logit_laplace_nll`.
   """
   return jnp.mean(logit_laplace_nll(mu_logit, log_scale, target, eps))
-
-
-def logit_laplace_decode(mu_logit: Array, eps: float = 0.1) -> Array:
-  """Reconstruction from the logit-Laplace head: sigmoid(mu) un-squashed.
-
-  Args:
-    mu_logit: [...] location in logit space.
-    eps: the squashing margin used by the loss.
-
-  Returns:
-    [...] pixels in [0, 1].
-  """
-  y = jax.nn.sigmoid(jnp.asarray(mu_logit, jnp.float32))
-  return jnp.clip((y - eps) / (1.0 - 2.0 * eps), 0.0, 1.0)
 
 
 def vq_loss(latents: Array, quantized_latents: Array,

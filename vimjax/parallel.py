@@ -14,6 +14,7 @@ A sharding strategy is just the axis sizes (with `DEFAULT_RULES`):
 import math
 from typing import Any, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils
@@ -22,15 +23,31 @@ import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Closed vocabulary of logical axis names used by models and data.
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab",
-                "codebook", "layers", "channels")
+# Closed vocabulary of logical axis names. Parameters name their dims with the
+# first group; activations (`nn.with_logical_constraint`) with the `activation_*`
+# names, so that a config can shard the two apart (as MaxText does), e.g. split
+# activations' length over `tensor` without touching any weight. "batch" is
+# only read from configs saved before the activation names existed.
+PARAM_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "codebook", "layers",
+              "channels")
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed",
+                   "activation_mlp", "activation_heads", "activation_kv", "activation_vocab",
+                   "activation_channels")
+LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
-# Default logical -> mesh rules (t5x/MaxText style). Batch is split over every
-# data-like axis; weights are FSDP-split on `embed` and Megatron-split over
-# `tensor` on mlp/heads/vocab. Unlisted names are replicated.
+# Default logical -> mesh rules (t5x/MaxText style), in priority order within
+# one array. Activations: batch split over every data-like axis, the
+# tensor-parallel dims over `tensor`. Weights: FSDP-split on `embed`,
+# Megatron-split over `tensor` on mlp/heads/vocab. Unlisted names are replicated.
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_mlp", "tensor"),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_vocab", "tensor"),
+    ("activation_channels", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
@@ -62,19 +79,36 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
 
 
 def create_mesh(mesh_config, devices: Sequence[Any] | None = None) -> Mesh:
-  """Builds the (data, fsdp, tensor) mesh described by `config.mesh`."""
+  """Builds the (data, fsdp, tensor) mesh described by `config.mesh`.
+
+  On TPU and GPU the device order follows the physical topology
+  (`mesh_utils.create_device_mesh`). When the topology cannot hold this mesh
+  shape (it raises NotImplementedError, ValueError or AssertionError) the
+  devices are used in `jax.devices()` order, with a warning: the run is correct
+  but its collectives may cross slower links.
+  """
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_config, len(devices))
-  try:  # Topology-aware device order on TPU/GPU; plain reshape elsewhere.
-    device_array = mesh_utils.create_device_mesh(
-        shape, devices, allow_split_physical_axes=True)
-  except Exception:  # pylint: disable=broad-except
+  if devices[0].platform not in ("tpu", "gpu"):  # CPU: no topology to follow.
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  try:
+    device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (NotImplementedError, ValueError, AssertionError) as e:
+    logging.warning("No topology-aware device order for mesh %s on %d %s devices (%s); using "
+                    "jax.devices() order: correct, but collectives may be slower.",
+                    dict(zip(MESH_AXES, shape)), len(devices), devices[0].device_kind,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
     device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, MESH_AXES)
 
 
 def rules_from_config(mesh_config) -> tuple[tuple[str, Any], ...]:
-  """Returns the logical-axis rules, validated against the vocabulary."""
+  """Returns the logical-axis rules, validated against the vocabulary.
+
+  Rules saved before the `activation_*` names existed (no activation name in
+  them) get each activation name mapped as its parameter name was, so an old
+  workdir's config shards its activations exactly as it did.
+  """
   rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                 for name, axes in mesh_config.rules)
   for name, axes in rules:
@@ -84,6 +118,9 @@ def rules_from_config(mesh_config) -> tuple[tuple[str, Any], ...]:
       if axis is not None and axis not in MESH_AXES:
         raise ValueError(f"mesh.rules maps {name!r} to unknown mesh axis {axis!r}; "
                          f"valid: {MESH_AXES} or None.")
+  if not any(name in ACTIVATION_AXES for name, _ in rules):
+    rules += tuple((f"activation_{name}", axes) for name, axes in rules
+                   if f"activation_{name}" in ACTIVATION_AXES)
   return rules
 
 
@@ -101,33 +138,57 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-  """Drops mesh axes from dims they do not divide (e.g. an RGB dim of 3)."""
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, path: str = "") -> P:
+  """Drops mesh axes from dims they do not divide (e.g. an RGB dim of 3), with a warning.
+
+  As big_vision's fsdp rule does, each dropped axis is logged (once per array
+  path, shape and axis): a replicated dim can cost a lot of memory.
+  """
   fitted = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+  for i, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
     names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
     kept, size = [], 1
     for name in names:
       if dim % (size * mesh.shape[name]) == 0:
         kept.append(name)
         size *= mesh.shape[name]
+      elif mesh.shape[name] > 1:
+        _warn_once(path, shape, f"dim {i} ({dim}) is not divisible by mesh axis {name!r} "
+                   f"(size {mesh.shape[name]}), so that dim is not split over it")
     fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return P(*fitted)
 
 
-def _fsdp_fallback(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+_WARNED = set()
+
+
+def _warn_once(path: str, shape: Sequence[int], what: str) -> None:
+  key = (path, tuple(shape), what)
+  if key not in _WARNED:
+    _WARNED.add(key)
+    logging.warning("Sharding %s %s: %s.", path or "an array", list(shape), what)
+
+
+def _fsdp_fallback(spec: P, shape: Sequence[int], mesh: Mesh, path: str | None = None) -> P:
   """Splits a kernel that no logical name puts on `fsdp` over its largest free dim.
 
   FSDP means every weight is split over `fsdp`, but some kernels have no
   `embed` dim (a conv's [kh, kw, in, out] with tensor-split or odd channels, a
   pixel head [mlp, p*p*c]). As big_vision's fsdp sharding does, the largest
-  unsharded dim that `fsdp` divides is split; 0- and 1-D leaves stay as named.
+  unsharded dim that `fsdp` divides is split (a kernel with none stays
+  replicated over `fsdp`, logged when `path` is given); 0- and 1-D leaves stay
+  as named.
   """
   size = mesh.shape.get("fsdp", 1)
   entries = list(spec) + [None] * (len(shape) - len(spec))
   used = {a for e in entries if e for a in (e if isinstance(e, tuple) else (e,))}
+  if size == 1 or len(shape) < 2 or "fsdp" in used:
+    return spec
   free = [i for i, d in enumerate(shape) if entries[i] is None and d % size == 0]
-  if size == 1 or len(shape) < 2 or "fsdp" in used or not free:
+  if not free:
+    if path is not None:
+      _warn_once(path, shape, f"no free dim is divisible by fsdp={size}, so it is replicated "
+                 "over fsdp")
     return spec
   entries[max(free, key=lambda i: shape[i])] = "fsdp"
   return P(*entries)
@@ -144,7 +205,8 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   """Maps a tree that may hold `nn.Partitioned` boxes to NamedShardings.
 
   Leaves without logical names are replicated. Axes that do not divide a dim
-  are dropped for that array, so small or odd dims never fail to shard. Kernels
+  are dropped for that array (logged once per array), so small or odd dims
+  never fail to shard. Kernels
   (2-D and up) that no name puts on `fsdp` get it on their largest free dim
   (`_fsdp_fallback`), so that FSDP splits every weight.
   """
@@ -153,14 +215,14 @@ def logical_to_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   unboxed = unbox(abstract_tree)
   # A leaf-less node (optax's MaskedNode, the state of a frozen param group) is
   # an empty tuple, so logical_to_mesh made it a P(): keep it as the node it is.
-  return jax.tree.map(
-      lambda spec, x: NamedSharding(
-          mesh, _fsdp_fallback(_fit_spec(spec, x.shape, mesh), x.shape, mesh))
-      if hasattr(x, "shape") else x,
-      mesh_specs, unboxed, is_leaf=lambda s: isinstance(s, P))
-
-
-def describe_shardings(shardings: Any) -> str:
-  """One line per leaf `path: PartitionSpec`, for logs and tests."""
-  flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-  return "\n".join(f"{jax.tree_util.keystr(k)}: {s.spec}" for k, s in flat)
+  def sharding(path, spec, x):
+    if not hasattr(x, "shape"):
+      return x
+    name = jax.tree_util.keystr(path)
+    named = {a for e in spec if e for a in (e if isinstance(e, tuple) else (e,))}
+    fitted = _fit_spec(spec, x.shape, mesh, name)
+    # A kernel whose named fsdp dim did not fit was logged already: one line per array.
+    return NamedSharding(mesh, _fsdp_fallback(fitted, x.shape, mesh,
+                                              None if "fsdp" in named else name))
+  return jax.tree_util.tree_map_with_path(sharding, mesh_specs, unboxed,
+                                          is_leaf=lambda s: isinstance(s, P))

@@ -20,8 +20,8 @@ times its result, all-reduce 2(n-1)/n of its operand, all-to-all (n-1)/n, and
 collective-permute its operand (unless it sends to itself). A collective whose
 replica group spans k torus dimensions (from the devices' coordinates) runs on
 bidirectional rings along all k: 2k x the one-way bandwidth of a link (JAX
-scaling book, "How to Scale Your Model", part 2: v4 and v5e 4.5e10, v5p and v6e
-9e10 bytes/s per link and direction). Collectives run one after another.
+scaling book, "How to Scale Your Model", part 2; `hardware.CHIPS`). Collectives
+run one after another.
 """
 import collections
 import dataclasses
@@ -32,8 +32,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-# One-way ICI bandwidth of one link, bytes/s, by chip (aot_compile's names).
-ICI_LINK_BYTES_PER_S = {"v4": 4.5e10, "v5e": 4.5e10, "v5p": 9e10, "v6e": 9e10}
+from vimjax import hardware
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
                "collective-permute")
@@ -244,10 +243,9 @@ def collective_bytes(colls: list[Collective]) -> dict[str, float]:
 def collective_seconds(colls: list[Collective], chip: str) -> float:
   """Time of the collectives, one after another, each on bidirectional rings
   along every torus dimension its group spans."""
-  if chip not in ICI_LINK_BYTES_PER_S:
-    raise ValueError(f"No ICI bandwidth for chip {chip!r}; known: "
-                     f"{sorted(ICI_LINK_BYTES_PER_S)}.")
-  link = ICI_LINK_BYTES_PER_S[chip]
+  link = hardware.CHIPS[chip].ici_link_bytes_per_s if chip in hardware.CHIPS else None
+  if link is None:
+    raise ValueError(f"No ICI bandwidth for chip {chip!r}; known: {sorted(hardware.TPUS)}.")
   return sum(c.bytes_per_chip * c.executions / (2 * link * c.torus_dims) for c in colls)
 
 

@@ -34,22 +34,25 @@ def code_histogram(codes, codebook_size: int):
                       length=codebook_size).astype(jnp.int32)
 
 
-def perplexity(histogram) -> float:
-  """exp(entropy in nats) of a code histogram.
+def perplexity(histogram):
+  """exp(entropy in nats) of a code histogram; on the host or inside `jit`.
 
   Args:
-    histogram: [K] non-negative counts (np or jax array), not all zero.
+    histogram: [K] non-negative counts (np or jax array). A numpy histogram is
+      checked (1-D, non-negative, not all zero); inside `jit` an all-zero one
+      (a step without valid codes) gives 1.
 
   Returns:
-    Perplexity as a Python float in [1, K].
+    [] float32 perplexity in [1, K] (a jax scalar: `float()` it on the host).
   """
-  counts = np.asarray(histogram, dtype=np.float64)
-  total = counts.sum()
-  if counts.ndim != 1 or total <= 0 or (counts < 0).any():
-    raise ValueError(f"perplexity needs a 1-D histogram of non-negative counts with a "
-                     f"positive total, got shape {counts.shape} and total {total}.")
-  p = counts[counts > 0] / total
-  return float(np.exp(-np.sum(p * np.log(p))))
+  if isinstance(histogram, np.ndarray):
+    total = histogram.sum()
+    if histogram.ndim != 1 or total <= 0 or (histogram < 0).any():
+      raise ValueError(f"perplexity needs a 1-D histogram of non-negative counts with a "
+                       f"positive total, got shape {histogram.shape} and total {total}.")
+  counts = jnp.asarray(histogram, jnp.float32)
+  p = counts / jnp.maximum(counts.sum(), 1.0)
+  return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)))
 
 
 class CodebookStats:
@@ -134,5 +137,5 @@ class CodebookStats:
                                 self._group_images)
     else:
       usage, groups, dropped = float(self._group_used.mean()), 1, 0
-    return dict(codebook_usage=float(usage), perplexity=perplexity(self._histogram),
+    return dict(codebook_usage=float(usage), perplexity=float(perplexity(self._histogram)),
                 usage_groups=int(groups), usage_images_dropped=int(dropped))

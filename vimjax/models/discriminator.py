@@ -135,7 +135,7 @@ class Conv(nn.Module):
       # returns wrong *input gradients* of a strided conv whose input is split on
       # batch over two mesh axes and on channels over a third (mesh 2x2x2:
       # tests/test_strategies.py); forward values were right.
-      x = nn.with_logical_constraint(x, ("batch", None, None, None))
+      x = nn.with_logical_constraint(x, ("activation_batch", None, None, None))
     y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     if self.use_bias:
@@ -248,7 +248,8 @@ class Discriminator(nn.Module):
     res = self.image_size
     while res > 4:
       x = DiscriminatorBlock(chans[res], chans[res // 2], name=f"b{res}", **kw)(x)
-      x = nn.with_logical_constraint(x, ("batch", None, None, "channels"))
+      x = nn.with_logical_constraint(
+          x, ("activation_batch", None, None, "activation_channels"))
       res //= 2
     # Epilogue at 4x4.
     c4 = chans[4]

@@ -7,8 +7,9 @@ TransformerStack (optionally scanned and rematerialised), `block_outputs`
 
 Conventions:
   * Every parameter carries logical axis names from `parallel.LOGICAL_AXES`.
-  * Activations are constrained to ("batch", "length", "embed") at block
-    boundaries (a no-op outside a mesh / logical-rules context).
+  * Activations are constrained to ("activation_batch", "activation_length",
+    "activation_embed") at block boundaries (a no-op outside a mesh /
+    logical-rules context).
   * Masks are boolean and broadcastable to [b, heads, q_len, kv_len];
     True means "may attend" (flax convention).
   * The stack has no final LayerNorm: callers add `LayerNorm` after it, since
@@ -48,7 +49,8 @@ def _part(init, names):
 
 
 def _constrain(x):
-  return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+  return nn.with_logical_constraint(
+      x, ("activation_batch", "activation_length", "activation_embed"))
 
 
 def make_causal_mask(length: int) -> jnp.ndarray:
@@ -133,7 +135,8 @@ class MlpBlock(nn.Module):
     h = dense(self.mlp_dim, kernel_init=_part(_dense_init, ("embed", "mlp")),
               bias_init=_part(_zeros, ("mlp",)), name="wi")(x)
     h = nn.gelu(h)
-    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    h = nn.with_logical_constraint(
+        h, ("activation_batch", "activation_length", "activation_mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
     return dense(x.shape[-1], kernel_init=_part(_dense_init, ("mlp", "embed")),
                  bias_init=_part(_zeros, ("embed",)), name="wo")(h)
@@ -209,7 +212,8 @@ class Attention(nn.Module):
                          ("embed", "heads", "kv"), 1, "bld,dhk->blhk", self.dtype,
                          self.param_dtype, name=name)(x)
     # [b, l, heads, kv] activations split over heads like their kernels (Megatron).
-    split_heads = lambda x: nn.with_logical_constraint(x, ("batch", "length", "heads", "kv"))
+    split_heads = lambda x: nn.with_logical_constraint(
+        x, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
     query = split_heads(proj(inputs_q, "query"))
     if decode and self.static_kv and self.has_variable("cache", "cached_key"):
       # Cross-attention decode step: the encoder keys/values were projected once.
@@ -248,7 +252,8 @@ class Attention(nn.Module):
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    logits = nn.with_logical_constraint(logits, ("batch", "heads", "length", None))
+    logits = nn.with_logical_constraint(
+        logits, ("activation_batch", "activation_heads", "activation_length", None))
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
     out = split_heads(jnp.einsum("bhqk,bkhd->bqhd", weights, value))

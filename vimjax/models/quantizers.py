@@ -95,7 +95,8 @@ class FactorizedQuantizer(nn.Module):
     quantized = jnp.take(codebook, codes, axis=0)
     straight_through = latents + jax.lax.stop_gradient(quantized - latents)
     z_q = self.up(straight_through.astype(self.dtype))
-    z_q = nn.with_logical_constraint(z_q, ("batch", "length", "embed"))
+    z_q = nn.with_logical_constraint(
+        z_q, ("activation_batch", "activation_length", "activation_embed"))
     aux = {"codes": codes, "latents": latents, "quantized_latents": quantized,
            "similarity": similarity,
            "code_counts": _histogram(codes, self.codebook_size)}
@@ -181,7 +182,8 @@ class FiniteScalarQuantizer(nn.Module):
     quantized = rounded / half_width
     straight_through = latents + jax.lax.stop_gradient(quantized - latents)
     z_q = self.up(straight_through.astype(self.dtype))
-    z_q = nn.with_logical_constraint(z_q, ("batch", "length", "embed"))
+    z_q = nn.with_logical_constraint(
+        z_q, ("activation_batch", "activation_length", "activation_embed"))
     codes = self.digits_to_codes((rounded + half_width).astype(jnp.int32))
     aux = {"codes": codes, "latents": latents, "quantized_latents": quantized,
            "code_counts": _histogram(codes, self.codebook_size)}

@@ -53,7 +53,8 @@ class _Logits(nn.Dense):
   """Dense to the vocabulary; [b, l, vocab] output split over `vocab` like its kernel."""
 
   def __call__(self, x):
-    return nn.with_logical_constraint(super().__call__(x), ("batch", "length", "vocab"))
+    return nn.with_logical_constraint(
+        super().__call__(x), ("activation_batch", "activation_length", "activation_vocab"))
 
 
 def _logits_dense(vocab_size, param_dtype, name):

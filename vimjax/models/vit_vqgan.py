@@ -106,7 +106,8 @@ class Encoder(nn.Module):
     x = _dense(self.mlp_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "head_hidden")(x)
     x = _dense(self.dim, ("mlp", "embed"), self.dtype, self.param_dtype, "head_out")(
         jnp.tanh(x))
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(
+        x, ("activation_batch", "activation_length", "activation_embed"))
 
 
 class Decoder(nn.Module):

@@ -14,13 +14,11 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from vimjax import checkpoint
 from vimjax import losses
@@ -79,17 +77,10 @@ def load_pretrained(workdir: str) -> tuple[dict, np.ndarray]:
   """
   source = checkpoint.load_workdir_config(workdir, "--config.finetune_decoder_from")
   group = "ema_params" if source.optimizer.ema_decay > 0 else "params"
-  manager = ocp.CheckpointManager(checkpoint.checkpoints_dir(workdir))
-  step = manager.latest_step()
-  if step is None:
-    raise ValueError(f"finetune_decoder_from={workdir!r} has no checkpoint under "
-                     f"{workdir}/checkpoints.")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  logging.info("Loaded the tokenizer's %s (generator) from %s step %d.", group, workdir, step)
-  state = restored.state
-  return (jax.tree.map(np.asarray, state[group]["generator"]),
-          np.asarray(state["extra"]["usage_ema"]))
+  flag = "--config.finetune_decoder_from"
+  params, step = checkpoint.restore_params(workdir, f"{group}/generator", flag=flag)
+  usage, _ = checkpoint.restore_params(workdir, "extra/usage_ema", step=step, flag=flag)
+  return params, usage
 
 
 def _check_pretrained_shapes(config, abstract: dict, pretrained: dict):
@@ -193,7 +184,7 @@ def generator_loss(parts: Parts, g_params, d_params, lpips_params, images, rng,
         decoded["mu_logit"], decoded["log_scale"], images)
     total += lw.logit_laplace_weight * terms["logit_laplace"]
   if parts.lpips is not None:
-    terms["perceptual"] = jnp.mean(parts.lpips.apply({"params": lpips_params}, recon, images))
+    terms["perceptual"] = losses.perceptual_loss(parts.lpips, lpips_params, recon, images)
     total += lw.perceptual_weight * terms["perceptual"]
   if lw.entropy_weight > 0:
     terms["entropy"] = losses.entropy_penalty(aux["similarity"], lw.entropy_temperature)
@@ -272,12 +263,11 @@ def update(parts: Parts, state, batch, rng, lpips_params, adversarial: bool):
                            if k in ema_g}}
     ema_params = {"generator": ema_g}
   counts = aux["code_counts"]
-  probs = counts / jnp.maximum(counts.sum(), 1.0)
   metrics.update(
       g_grad_norm=optax.global_norm(g_grads), g_param_norm=optax.global_norm(new_g),
       g_update_norm=optax.global_norm(g_updates), lr=parts.g_lr(state.step),
       batch_codebook_usage=jnp.mean(counts > 0),
-      batch_perplexity=jnp.exp(-jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-12)))))
+      batch_perplexity=codebook_metrics.perplexity(counts))
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             ema_params=ema_params, extra=extra)
   return new_state, metrics

@@ -26,6 +26,7 @@ from vimjax import checkpoint
 from vimjax import config_lib
 from vimjax import errors
 from vimjax import flops
+from vimjax import flops_cache
 from vimjax import parallel
 from vimjax import tasks
 from vimjax import workdir_lock
@@ -182,9 +183,8 @@ def _train(config, workdir: str, sigterm, lock) -> dict:
   # Model FLOPs of the unrolled, un-remat'ed step: XLA's count of the compiled
   # step sees a scanned stack once (see flops.py), so MFU uses this instead.
   # Per phase: the tokenizer's GAN branch only runs from adversarial_start_step.
-  flops_phases = flops.model_flops_by_phase(tasks.get(config), config)
-  model_flops = flops_phases[-1][1]
-  step_flops = model_flops / jax.device_count()
+  # Read from the workdir, or counted in the background while the step compiles.
+  step_flops = flops_cache.StepFlops(tasks.get(config), config, workdir)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     task = tasks.build(config, mesh)
     task = dataclasses.replace(task, train_step=guard.guard_step(
@@ -202,22 +202,23 @@ def _train(config, workdir: str, sigterm, lock) -> dict:
           checkpoint.abstract_with_shardings(state, state_sh), train_iter)
       state = state if restored is None else restored
       result = _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh,
-                     step_rng, sigterm, lock, peak, step_flops, flops_phases)
+                     step_rng, sigterm, lock, peak, step_flops)
       ckpt.close()  # Waits for the last async save; raises if it failed.
     except BaseException:
       ckpt.close_quietly()  # Never leave a save half-written behind an error.
       raise
     finally:
       writer.flush()
-  result.update(flops_per_step=model_flops, flops_per_step_per_device=step_flops,
-                peak_flops_per_device=peak)
+  model_flops = step_flops.per_step(wait=True)
+  result.update(flops_per_step=model_flops, peak_flops_per_device=peak,
+                flops_per_step_per_device=model_flops and model_flops / jax.device_count())
   if jax.process_index() == 0:
     (epath.Path(workdir) / "train_result.json").write_text(json.dumps(result, indent=2))
   return result
 
 
 def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh, step_rng,
-          sigterm, lock, peak, step_flops, flops_phases) -> dict:
+          sigterm, lock, peak, step_flops) -> dict:
   """Steps from the restored state to total_steps (or a SIGTERM); returns the result."""
   start = int(jax.device_get(state.step))
   if sigterm is not None and sigterm.received:  # During start-up: stop before compiling.
@@ -229,8 +230,8 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
   compiled = step_fn.lower(state, batch, step_rng, task.frozen).compile()
   compiled_flops = flops.compiled_flops(compiled)
   memory = compiled.memory_analysis()
-  logging.info("Compiled train step: model %.3g FLOPs/device/step (compiled program: %.3g); "
-               "memory %s.", step_flops, compiled_flops, memory)
+  logging.info("Compiled train step: %.3g FLOPs/device/step (XLA's count of the compiled "
+               "program); memory %s.", compiled_flops, memory)
 
   preempted = False
   result = {}
@@ -277,13 +278,17 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
       scalars.update(
           steps_per_sec=steps_per_sec,
           examples_per_sec=steps_per_sec * config.global_batch_size,
-          mfu=(flops.flops_between(flops_phases, last_log_step, step) / jax.device_count()
-               / elapsed / peak if peak else 0.0),
           skipped_examples=total_skipped, skipped_nonfinite_updates=nonfinite_count)
+      # None while the background count runs; the last log waits for it.
+      phases = step_flops.phases(wait=step == config.total_steps)
+      if phases is not None:
+        scalars["mfu"] = (flops.flops_between(phases, last_log_step, step) / jax.device_count()
+                          / elapsed / peak if peak else 0.0)
       writer.write_scalars(step, scalars)
-      logging.info("step %d/%d loss %.4f | %.2f steps/s %.1f ex/s MFU %.2f%%", step,
+      logging.info("step %d/%d loss %.4f | %.2f steps/s %.1f ex/s MFU %s", step,
                    config.total_steps, scalars.get("loss", float("nan")), steps_per_sec,
-                   scalars["examples_per_sec"], 100 * scalars["mfu"])
+                   scalars["examples_per_sec"],
+                   f"{100 * scalars['mfu']:.2f}%" if "mfu" in scalars else "(counting)")
       result.update(scalars)
       train_metrics, last_log, last_log_step = empty_metrics, time.perf_counter(), step
 

@@ -21,7 +21,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import factorized
 
 # optax.adafactor's default: dims smaller than this are never factored.
 MIN_DIM_SIZE_TO_FACTOR = 128
@@ -83,7 +82,8 @@ def _adafactor_decay_rate(b2: float):
   (Lingvo's and T2T's `adafactor_decay_rate_adam`). optax's default is
   1 - t^-0.8, which ignores b2.
   """
-  def rate(count, unused_default):
+  def rate(count, default_rate):
+    del default_rate  # optax passes its `decay_rate`; the fixed b2 replaces it.
     t = jnp.asarray(count, jnp.float32) + 1.0
     return b2 * (1.0 - b2 ** (t - 1.0)) / (1.0 - b2 ** t)
   return rate
@@ -95,7 +95,7 @@ def _scale_by(opt) -> optax.GradientTransformation:
     return optax.scale_by_adam(b1=opt.b1, b2=opt.b2)
   # Adafactor: factored second moments with a fixed b2, update clipping, then a
   # first moment with b1 (the papers keep it in int8; here it is float32).
-  parts = [factorized.scale_by_factored_rms(
+  parts = [optax.scale_by_factored_rms(
                decay_rate_fn=_adafactor_decay_rate(opt.b2),
                min_dim_size_to_factor=MIN_DIM_SIZE_TO_FACTOR),
            optax.clip_by_block_rms(ADAFACTOR_CLIP_THRESHOLD)]
