@@ -42,6 +42,8 @@
 #   --module=M              python module `train` runs (default vimjax.train;
 #                           vimjax.sweep runs several sweep trials on the slice)
 #   --no_follow             `train` starts the job and does not stream its log
+#   --env=NAME=VALUE        environment variable for `train` on every worker
+#                           (repeatable), e.g. --env=TFDS_DATA_DIR=gs://BUCKET/tfds
 #   --novalidate            skip the local config check of `train`
 #   --dry_run               check the config, print the commands, run nothing
 set -euo pipefail
@@ -66,6 +68,7 @@ dry_run=0
 validate=1
 step=""
 args=()
+remote_env=""
 for arg in "$@"; do  # --module decides which unknown --flags are the module's.
   [[ $arg != -- ]] || break
   [[ $arg != --module=* ]] || module="${arg#*=}"
@@ -83,6 +86,7 @@ while [[ $# -gt 0 ]]; do
     --no_follow) follow=0 ;;
     --dry_run) dry_run=1 ;;
     --novalidate) validate=0 ;;
+    --env=*=*) remote_env+=" $(printf '%q' "${1#*=}")" ;;
     -h|--help) usage ;;
     --) shift; args+=("$@"); break ;;
     --*) if is_train_flag "$1" || [[ $module != vimjax.train ]]; then args+=("$1")
@@ -169,7 +173,7 @@ $venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count())'
     args=""
     for arg in "$@"; do args+=" $(printf '%q' "$arg")"; done
     # Detached, so a dropped ssh connection does not stop training; the pid file lets `stop` find it.
-    ssh_all "cd $remote_dir && (setsid nohup $venv/bin/python -m $module --distributed$args \
+    ssh_all "cd $remote_dir && (${remote_env:+env$remote_env }setsid nohup $venv/bin/python -m $module --distributed$args \
 > $log 2>&1 < /dev/null & echo \$! > \$HOME/vimjax_train.pid)"
     [[ $follow == 1 ]] || exit 0
     run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=0 --command="tail -n +1 -F $log"

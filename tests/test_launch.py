@@ -203,15 +203,12 @@ def test_bad_config_fails_here_before_anything_is_created(fakes, tmp_path):
   assert "vimjax.check_config --slice_devices=8 --slice_processes=8 -- " + shlex.join(
       INVALID) in calls[0]
 
-  proc, calls = fakes("tpu_vm.sh", "--zone=z", "train", *INVALID)
-  assert proc.returncode == 1 and "perceptual_weight" in proc.stderr
-  assert calls == []  # Checked with this checkout's interpreter, never on the slice.
-
   # The slice's device count matters: v4 names count TensorCores (2 per chip).
   fixed = [*VALID, "--config.mesh.data=1", "--config.mesh.tensor=-1",
            "--config.mesh.fsdp=32"]
-  proc, _ = fakes("tpu_vm.sh", "--accelerator_type=v4-32", "check", *fixed)
+  proc, calls = fakes("tpu_vm.sh", "--zone=z", "--accelerator_type=v4-32", "train", *fixed)
   assert proc.returncode == 1 and "does not divide the 16 devices" in proc.stderr
+  assert calls == []  # Checked with this checkout's interpreter, nothing on the slice.
   proc, _ = fakes("tpu_vm.sh", "check", *fixed, "--accelerator_type=v4-64")
   assert proc.returncode == 0 and "Config OK for 32 devices" in proc.stderr, proc.stderr
 
@@ -239,3 +236,48 @@ def test_scripts_find_this_checkouts_venv():
   proc = subprocess.run(["bash", os.path.join(LAUNCH, "local_multiprocess.sh"), "--dry_run",
                          "--novalidate", "2", *TRAIN], capture_output=True, text=True, env=env)
   assert f" {expected} -m vimjax.train " in proc.stdout, proc.stderr
+
+
+def _readme_launch_examples() -> list[list[str]]:
+  """The launch-script commands of README's "Running on a pod", as words (`$T` expanded)."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    readme = f.read()
+  section = readme[readme.index("## Running on a pod"):]
+  section = section[:section.index("\n## ", 3)]
+  blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+  variables, commands = {}, []
+  for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
+    line = line.split(" # ")[0].strip()
+    if re.match(r"^\w+=\"", line):  # T="launch/tpu_vm.sh ..."
+      name, value = line.split("=", 1)
+      variables[name] = shlex.split(value)[0]
+      continue
+    for name, value in variables.items():
+      line = line.replace(f"${name} ", value + " ")
+    words = shlex.split(line) if line.startswith("launch/") else []
+    if words and (not words[0].endswith("tpu_vm.sh") or {"check", "train"} & set(words)):
+      commands.append(words)
+  return commands
+
+
+def test_readme_pod_examples_pass_the_config_check(tmp_path):
+  """Each README launch example, as written, passes the scripts' local config check
+  (its files under /shared/runs made here: the SentencePiece model)."""
+  from vimjax.data import text  # pylint: disable=g-import-not-at-top
+  text.train_sentencepiece([f"a {c} circle above a {c} square" for c in ("red", "blue")] * 50,
+                           str(tmp_path / "spm16k"), vocab_size=100)
+  commands = _readme_launch_examples()
+  scripts = sorted({os.path.basename(words[0]) for words in commands})
+  assert scripts == ["local_multiprocess.sh", "slurm_gpu.sh", "tpu_vm.sh"], commands
+  seen = set()
+  for words in commands:
+    words = [w.replace("/shared/runs", str(tmp_path)) for w in words]
+    key = tuple(w for w in words if w not in ("check", "train"))
+    if key in seen:  # `check` then `train` of one config: one check is enough.
+      continue
+    seen.add(key)
+    proc = subprocess.run(["bash", os.path.join(REPO, words[0]), *words[1:], "--dry_run",
+                           f"--log_dir={tmp_path}"] if "slurm" in words[0] else
+                          ["bash", os.path.join(REPO, words[0]), *words[1:], "--dry_run"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and "Config OK" in proc.stderr, (words, proc.stderr)
