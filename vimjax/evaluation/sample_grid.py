@@ -1,0 +1,89 @@
+"""Sample grids while VIM / Parti train: the same few conditions and seed at every eval.
+
+At each eval step the training loop draws `NUM_SAMPLES` images with
+`config.sampling` from the current weights (EMA ones when kept): VIM for class
+ids 0..n-1 (mod num_classes; unconditional VIM: n samples), Parti for the
+first n captions of the eval split; a fixed seed, so consecutive grids differ
+only by what the model learnt. The stage-1 tokenizer in `config.tokenizer_workdir`
+decodes the tokens. The loop writes the captioned grid as
+`samples_STEP.png` in the workdir and as `eval/samples` in TensorBoard.
+"""
+from absl import logging
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from vimjax import parallel
+from vimjax import sampling
+from vimjax.data import pipeline
+
+NUM_SAMPLES = 8
+SEED = 0
+STAGE2 = ("vim", "parti")
+
+
+def _conditions(config, num_classes: int, transforms):
+  """(captions, condition): VIM labels [n] (None if unconditional), Parti text_ids [n, L]."""
+  if config.task == "vim":
+    if num_classes == 0:
+      return [f"sample {i}" for i in range(NUM_SAMPLES)], None
+    labels = np.arange(NUM_SAMPLES, dtype=np.int32) % num_classes
+    return [f"class {label}" for label in labels], labels
+  iterator = pipeline.create_iterator(
+      config.data, split="eval", global_batch_size=max(config.global_batch_size, NUM_SAMPLES),
+      seed=config.seed, train=False, transforms=transforms)
+  batch = next(iter(iterator))
+  keep = np.flatnonzero(batch["mask"] > 0)[:NUM_SAMPLES]
+  return [str(c) for c in batch["caption"][keep]], np.asarray(batch["text_ids"])[keep]
+
+
+class Sampler:
+  """Draws the grid's images from a train state: `sampler(state) -> [n, H, W, 3] in [0, 1]`."""
+
+  def __init__(self, config, mesh, task, model):
+    from vimjax import sample as sample_lib  # pylint: disable=g-import-not-at-top (binary)
+    self._config, self._mesh, self._model = config, mesh, model
+    rules = parallel.rules_from_config(config.mesh)
+    _, self._tok_model, self._tok_params = sample_lib.load_tokenizer(
+        config.tokenizer_workdir, mesh, rules)
+    self._decode = sample_lib.decode_tokens
+    self.captions, condition = _conditions(config, getattr(model, "num_classes", 0),
+                                           task.data_transforms)
+    dp = parallel.data_parallel_size(mesh)
+    self._padded = -(-len(self.captions) // dp) * dp  # Whole rows for every data shard.
+    self._condition = None if condition is None else jax.device_put(
+        np.resize(condition, (self._padded,) + condition.shape[1:]),
+        parallel.batch_sharding(mesh))
+
+  def __call__(self, state) -> np.ndarray:
+    c, s = self._config, self._config.sampling
+    params = state.ema_params["model"] if c.optimizer.ema_decay > 0 else state.params["model"]
+    settings = dict(rng=jax.random.key(SEED), temperature=s.temperature, top_k=s.top_k,
+                    top_p=s.top_p, cfg_scale=s.cfg_scale, use_cache=s.use_cache)
+    if c.task == "vim":
+      if self._condition is None:  # Unconditional: guidance has nothing to contrast.
+        settings["cfg_scale"] = 1.0
+      tokens = sampling.sample_vim(self._model, params, self._condition,
+                                   batch_size=self._padded, **settings)
+    else:
+      tokens = sampling.sample_parti(self._model, params, self._condition, **settings)
+    images = self._decode(self._tok_model, self._tok_params, tokens)
+    images = np.asarray(multihost_utils.process_allgather(images, tiled=True)
+                        if jax.process_count() > 1 else jax.device_get(images))
+    return np.clip(images[:len(self.captions)].astype(np.float32), 0.0, 1.0)
+
+
+def make_sampler(config, mesh, task) -> Sampler | None:
+  """The grid sampler of a VIM / Parti run, or None (other tasks; no tokenizer to
+  decode with: said once in the log)."""
+  if config.task not in STAGE2:
+    return None
+  workdir = config.tokenizer_workdir
+  if not workdir or not (epath.Path(workdir) / "config.json").exists():
+    logging.warning("No sample grids during training: tokenizer_workdir=%r holds no tokenizer "
+                    "to decode samples with (set --config.tokenizer_workdir to see them in "
+                    "TensorBoard).", workdir)
+    return None
+  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top (tasks import the loop)
+  return Sampler(config, mesh, task, tasks.TASKS[config.task].build_model(config))
