@@ -17,6 +17,7 @@ import numpy as np
 from vimjax import parallel
 from vimjax import sampling
 from vimjax.data import pipeline
+from vimjax.data import text
 
 NUM_SAMPLES = 8
 SEED = 0
@@ -35,7 +36,10 @@ def _conditions(config, num_classes: int, transforms):
       seed=config.seed, train=False, transforms=transforms)
   batch = next(iter(iterator))
   keep = np.flatnonzero(batch["mask"] > 0)[:NUM_SAMPLES]
-  return [str(c) for c in batch["caption"][keep]], np.asarray(batch["text_ids"])[keep]
+  text_ids = np.asarray(batch["text_ids"])[keep]
+  # The transform replaced the captions by their ids: captions as the model sees them.
+  tokenizer = text.TextTokenizer(config.data.text_tokenizer, config.model.max_text_length)
+  return tokenizer.decode(text_ids), text_ids
 
 
 class Sampler:
