@@ -12,14 +12,24 @@
 # forwarded to all of them: they save a checkpoint at one step and exit;
 # re-running the same command resumes.
 #
+# Options may come anywhere on the line; any other argument must be a train
+# flag (--config=, --config.KEY=, --workdir=, --debug) or come after `--` (with
+# --module other than vimjax.train, unknown --flags go to that module). Before
+# starting anything the config is checked for N x K devices (python -m
+# vimjax.check_config), in the current directory.
+#
 # Options:
 #   --devices_per_process=K  fake CPU devices per process (default 1)
 #   --port=P                 coordinator port (default 12355)
 #   --log_dir=DIR            logs of processes 1..N-1 (default: a new temp dir)
 #   --module=M               python module to run (default vimjax.train)
-#   --python=PY              interpreter (default: $PYTHON or python)
-#   --dry_run                print the commands, run nothing
+#   --python=PY              interpreter (default: $PYTHON, else this checkout's
+#                            .venv/bin/python, else python3)
+#   --novalidate             skip the config check
+#   --dry_run                check the config, print the commands, run nothing
 set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$repo/launch/common.sh"
 
 usage() {
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
@@ -30,8 +40,15 @@ devices=1
 port=12355
 log_dir=""
 module=vimjax.train
-python_bin="${PYTHON:-python}"
+python_bin="${PYTHON:-$(local_python)}"
 dry_run=0
+validate=1
+num=""
+train_args=()
+for arg in "$@"; do  # --module decides which unknown --flags are the module's.
+  [[ $arg != -- ]] || break
+  [[ $arg != --module=* ]] || module="${arg#*=}"
+done
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --devices_per_process=*) devices="${1#*=}" ;;
@@ -40,20 +57,25 @@ while [[ $# -gt 0 ]]; do
     --module=*) module="${1#*=}" ;;
     --python=*) python_bin="${1#*=}" ;;
     --dry_run) dry_run=1 ;;
+    --novalidate) validate=0 ;;
     -h|--help) usage ;;
-    --*) echo "Unknown option $1 (options come before N)." >&2; usage ;;
-    *) break ;;
+    --) shift; train_args+=("$@"); break ;;
+    --*) if is_train_flag "$1" || [[ $module != vimjax.train ]]; then train_args+=("$1")
+         else unknown_argument "$1"; fi ;;
+    *) if [[ -z "$num" ]]; then num="$1"; else
+         echo "Unexpected argument $1 (N is $num; train flags are --name=value)." >&2; usage; fi ;;
   esac
   shift
 done
-[[ $# -ge 1 ]] || { echo "Missing N, the number of processes." >&2; usage; }
-num="$1"
-shift
+[[ -n "$num" ]] || { echo "Missing N, the number of processes." >&2; usage; }
 for value in "$num" "$devices" "$port"; do
   [[ "$value" =~ ^[1-9][0-9]*$ ]] || { echo "Expected a positive integer, got '$value'." >&2; usage; }
 done
 
-train_args=("$@")
+if [[ $validate == 1 && $module == vimjax.train ]]; then
+  check_config "$python_bin" "$PWD" $((num * devices)) "$num" -- ${train_args[@]+"${train_args[@]}"}
+fi
+
 # This script owns the device count: drop any inherited one.
 xla_flags="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g; s/^ +//; s/ +$//' <<< "${XLA_FLAGS:-}")"
 xla_flags="${xla_flags:+${xla_flags} }--xla_force_host_platform_device_count=${devices}"
@@ -62,11 +84,6 @@ command_for() {  # Sets `cmd` to process $1's command line.
        "XLA_FLAGS=${xla_flags}"
        "$python_bin" -m "$module" "--coordinator_address=localhost:${port}"
        "--num_processes=${num}" "--process_id=$1" ${train_args[@]+"${train_args[@]}"})
-}
-
-quote() {  # One shell word, single-quoted unless it is plain.
-  if [[ $1 =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then printf '%s' "$1"; else
-    printf "'%s'" "${1//\'/\'\\\'\'}"; fi
 }
 
 if [[ $dry_run == 1 ]]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train on GPU nodes under SLURM: writes a batch script and submits it with sbatch.
 #
-#   launch/slurm_gpu.sh [options] --config=FILE[:variant] --workdir=DIR [--config.KEY=VALUE ...]
+#   launch/slurm_gpu.sh [options] --config=FILE[:variant] --workdir=DIR [--config.KEY=VALUE ...] [-- FLAGS]
 #   launch/slurm_gpu.sh --nodes=4 --partition=gpu --config=configs/parti.py:350m --workdir=/shared/parti
 #   launch/slurm_gpu.sh [options] --array_file=FILE
 #
@@ -12,6 +12,12 @@
 # SIGTERM 5 minutes before its time limit: all processes save a checkpoint at
 # the same step and exit, and the requeued job resumes from it. The job runs in
 # the repository root: relative paths in the train arguments start there.
+#
+# Options may come anywhere on the line; any other argument must be a train
+# flag (--config=, --config.KEY=, --workdir=, --debug) or come after `--`.
+# Before writing or submitting anything the config is checked on this machine
+# for the job's device count (python -m vimjax.check_config, with the
+# interpreter below): a bad config fails here, not on the nodes.
 #
 # --array_file=FILE submits a SLURM array job instead (what `python -m
 # vimjax.sweep --launcher=slurm` writes): line I+1 of FILE holds the train
@@ -29,10 +35,14 @@
 #   --log_dir=DIR        batch script and job logs (default ./slurm_logs)
 #   --array_file=FILE    one line of train arguments per array task
 #   --array_parallel=M   array tasks running at once, at most (default: all)
-#   --python=PY          interpreter on the nodes (default: python, as found in
-#                        the submitting shell's PATH; activate the venv first)
-#   --dry_run            print the batch script and the sbatch command, submit nothing
+#   --python=PY          interpreter, here and on the nodes (default: this
+#                        checkout's .venv/bin/python, else python3)
+#   --novalidate         skip the local config check
+#   --dry_run            check the config, print the batch script and the sbatch
+#                        command, write and submit nothing
 set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$repo/launch/common.sh"
 
 usage() {
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
@@ -47,10 +57,12 @@ account=""
 time_limit="24:00:00"
 job_name="vimjax"
 log_dir="slurm_logs"
-python_bin="python"
+python_bin=""
 array_file=""
 array_parallel=""
 dry_run=0
+validate=1
+train_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --nodes=*) nodes="${1#*=}" ;;
@@ -65,12 +77,14 @@ while [[ $# -gt 0 ]]; do
     --array_file=*) array_file="${1#*=}" ;;
     --array_parallel=*) array_parallel="${1#*=}" ;;
     --dry_run) dry_run=1 ;;
+    --novalidate) validate=0 ;;
     -h|--help) usage ;;
-    --config=*|--config.*|--workdir=*) break ;;  # The train arguments start here.
-    *) echo "Unknown option $1." >&2; usage ;;
+    --) shift; train_args+=("$@"); break ;;
+    *) if is_train_flag "$1"; then train_args+=("$1"); else unknown_argument "$1"; fi ;;
   esac
   shift
 done
+set -- ${train_args[@]+"${train_args[@]}"}
 for value in "$nodes" "$gpus" ${array_parallel:+"$array_parallel"}; do
   [[ "$value" =~ ^[1-9][0-9]*$ ]] || { echo "Expected a positive integer, got '$value'." >&2; usage; }
 done
@@ -85,14 +99,10 @@ else
   [[ " $* " == *" --workdir="* ]] || { echo "Missing --workdir=DIR (on a shared filesystem)." >&2; usage; }
 fi
 
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log_dir="$(realpath -m "$log_dir")"
-# The nodes get the submitting shell's environment: use the same interpreter.
+# The nodes see this filesystem: the same interpreter here and there.
+python_bin="${python_bin:-$(local_python)}"
 python_bin="$(command -v "$python_bin" || echo "$python_bin")"
-quote() {  # One shell word, single-quoted unless it is plain.
-  if [[ $1 =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then printf '%s' "$1"; else
-    printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
 train_cmd="$(quote "$python_bin") -m vimjax.train --distributed"
 for arg in "$@"; do train_cmd+=" $(quote "$arg")"; done
 
@@ -105,6 +115,13 @@ else
   device_env="export JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((gpus - 1)))  # All GPUs in the one process."
 fi
 processes=$((nodes * tasks_per_node))
+if [[ $validate == 1 ]]; then
+  if [[ -n "$array_file" ]]; then
+    check_config "$python_bin" "$repo" $((nodes * gpus)) "$processes" --args_file="$array_file"
+  else
+    check_config "$python_bin" "$repo" $((nodes * gpus)) "$processes" -- "$@"
+  fi
+fi
 job_id_pattern="%j"
 [[ -z "$array_file" ]] || job_id_pattern="%A_%a"  # Array job id _ task index.
 

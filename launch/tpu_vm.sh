@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice (one host or a pod slice), with gcloud.
 #
+#   launch/tpu_vm.sh [options] check --config=configs/vitvqgan.py:base --workdir=gs://BUCKET/vq_b [--config.KEY=VALUE ...]
 #   launch/tpu_vm.sh [options] create
 #   launch/tpu_vm.sh [options] setup
 #   launch/tpu_vm.sh [options] train --config=configs/vitvqgan.py:base --workdir=gs://BUCKET/vq_b [--config.KEY=VALUE ...]
@@ -9,10 +10,14 @@
 #   launch/tpu_vm.sh [options] delete
 #
 # Steps:
+#   check   checks the train arguments' config on this machine for the slice's
+#           device count (python -m vimjax.check_config; `train` does it too):
+#           run it before `create`, so a bad config costs no slice time.
 #   create  creates the slice (gcloud compute tpus tpu-vm create).
 #   setup   copies this checkout (without .git/.venv) to ~/vimjax on every worker
 #           and installs it with the [tpu] extra into ~/vimjax_venv.
-#   train   starts `python -m vimjax.train --distributed ARGS` on every worker
+#   train   checks the config locally (as `check`), then starts
+#           `python -m vimjax.train --distributed ARGS` on every worker
 #           (detached; log in ~/vimjax_train.log on each), then streams worker
 #           0's log (Ctrl-C stops streaming, not training; --no_follow returns
 #           at once, as a sweep starting many slices wants). Re-running the same
@@ -23,7 +28,9 @@
 #           at the same step and exit.
 #   delete  deletes the slice.
 #
-# Options (before the step):
+# Options (anywhere on the line; any other argument must be a train flag
+# --config=, --config.KEY=, --workdir=, --debug, or come after `--`; with
+# --module other than vimjax.train, unknown --flags go to that module):
 #   --project=ID            GCP project (default: gcloud's configured one)
 #   --zone=ZONE             e.g. us-central2-b (required)
 #   --accelerator_type=T    e.g. v4-8, v4-32, v5litepod-16, v6e-8 (default v4-8)
@@ -35,8 +42,13 @@
 #   --module=M              python module `train` runs (default vimjax.train;
 #                           vimjax.sweep runs several sweep trials on the slice)
 #   --no_follow             `train` starts the job and does not stream its log
-#   --dry_run               print the commands, run nothing
+#   --env=NAME=VALUE        environment variable for `train` on every worker
+#                           (repeatable), e.g. --env=TFDS_DATA_DIR=gs://BUCKET/tfds
+#   --novalidate            skip the local config check of `train`
+#   --dry_run               check the config, print the commands, run nothing
 set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$repo/launch/common.sh"
 
 usage() {
   sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
@@ -53,6 +65,14 @@ worker=0
 module=vimjax.train
 follow=1
 dry_run=0
+validate=1
+step=""
+args=()
+remote_env=""
+for arg in "$@"; do  # --module decides which unknown --flags are the module's.
+  [[ $arg != -- ]] || break
+  [[ $arg != --module=* ]] || module="${arg#*=}"
+done
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --project=*) project="${1#*=}" ;;
@@ -65,29 +85,51 @@ while [[ $# -gt 0 ]]; do
     --module=*) module="${1#*=}" ;;
     --no_follow) follow=0 ;;
     --dry_run) dry_run=1 ;;
+    --novalidate) validate=0 ;;
+    --env=*=*) remote_env+=" $(printf '%q' "${1#*=}")" ;;
     -h|--help) usage ;;
-    --*) echo "Unknown option $1 (options come before the step)." >&2; usage ;;
-    *) break ;;
+    --) shift; args+=("$@"); break ;;
+    --*) if is_train_flag "$1" || [[ $module != vimjax.train ]]; then args+=("$1")
+         else unknown_argument "$1"; fi ;;
+    *) if [[ -z "$step" ]]; then step="$1"; else
+         echo "Unexpected argument $1 after the step '$step'." >&2; usage; fi ;;
   esac
   shift
 done
-[[ $# -ge 1 ]] || { echo "Missing the step (create, setup, train, logs, stop or delete)." >&2; usage; }
-step="$1"
-shift
-[[ -n "$zone" ]] || { echo "--zone is required (e.g. --zone=us-central2-b)." >&2; usage; }
+set -- ${args[@]+"${args[@]}"}
+[[ -n "$step" ]] || {
+  echo "Missing the step (check, create, setup, train, logs, stop or delete)." >&2; usage; }
+[[ -n "$zone" || $step == check ]] || { echo "--zone is required (e.g. --zone=us-central2-b)." >&2; usage; }
 [[ "$worker" =~ ^[0-9]+$ ]] || { echo "--worker=$worker must be a worker index (0, 1, ...)." >&2; usage; }
 
 where=(--zone="$zone")
 [[ -z "$project" ]] || where+=(--project="$project")
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Expanded by the workers' shell.
 remote_dir='$HOME/vimjax'
 venv='$HOME/vimjax_venv'
 log='$HOME/vimjax_train.log'
 
-quote() {  # One shell word, single-quoted unless it is plain.
-  if [[ $1 =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then printf '%s' "$1"; else
-    printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+slice_devices() {  # JAX devices of --accelerator_type (0: unknown). v4 and v5p
+  # names count TensorCores, 2 per chip, one device per chip; v5e / v6e count chips.
+  local kind=${accelerator_type%-*} n=${accelerator_type##*-}
+  [[ $n =~ ^[0-9]+$ ]] || { echo 0; return; }
+  case "$kind" in
+    v4|v5p) echo $((n / 2)) ;;
+    v2|v3|v5litepod|v5e|v6e) echo "$n" ;;
+    *) echo 0 ;;
+  esac
+}
+
+check_train_args() {  # The train step's argument checks, then the local config check.
+  [[ $module != vimjax.train || " $* " == *" --config="* ]] || {
+    echo "$step needs --config=FILE[:variant]." >&2; usage; }
+  [[ " $* " == *" --workdir="* ]] || { echo "$step needs --workdir=gs://..." >&2; usage; }
+  [[ " $* " == *" --workdir=gs://"* ]] || echo "Warning: --workdir is not gs://; every worker" \
+    "must see the same directory for checkpoints and resume." >&2
+  # One process per host; the batch must divide the devices, hence the hosts too.
+  if [[ $validate == 1 && $module == vimjax.train ]]; then
+    check_config "$(local_python)" "$repo" "$(slice_devices)" 1 -- "$@"
+  fi
 }
 
 run() {  # Prints (dry run) or runs one command.
@@ -121,16 +163,17 @@ case "$step" in
 $venv/bin/pip install -q -U pip; $venv/bin/pip install -q -e \"$remote_dir[tpu]\"; \
 $venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count())'"
     ;;
+  check)
+    [[ $module == vimjax.train ]] || { echo "check needs --module=vimjax.train." >&2; usage; }
+    validate=1
+    check_train_args "$@"
+    ;;
   train)
-    [[ $module != vimjax.train || " $* " == *" --config="* ]] || {
-      echo "train needs --config=FILE[:variant]." >&2; usage; }
-    [[ " $* " == *" --workdir="* ]] || { echo "train needs --workdir=gs://..." >&2; usage; }
-    [[ " $* " == *" --workdir=gs://"* ]] || echo "Warning: --workdir is not gs://; every worker" \
-      "must see the same directory for checkpoints and resume." >&2
+    check_train_args "$@"
     args=""
     for arg in "$@"; do args+=" $(printf '%q' "$arg")"; done
     # Detached, so a dropped ssh connection does not stop training; the pid file lets `stop` find it.
-    ssh_all "cd $remote_dir && (setsid nohup $venv/bin/python -m $module --distributed$args \
+    ssh_all "cd $remote_dir && (${remote_env:+env$remote_env }setsid nohup $venv/bin/python -m $module --distributed$args \
 > $log 2>&1 < /dev/null & echo \$! > \$HOME/vimjax_train.pid)"
     [[ $follow == 1 ]] || exit 0
     run gcloud compute tpus tpu-vm ssh "$name" "${where[@]}" --worker=0 --command="tail -n +1 -F $log"
@@ -148,7 +191,7 @@ $venv/bin/python -c 'import jax; print(jax.process_index(), jax.device_count())'
     run gcloud compute tpus tpu-vm delete "$name" "${where[@]}" --quiet
     ;;
   *)
-    echo "Unknown step '$step'; valid: create, setup, train, logs, stop, delete." >&2
+    echo "Unknown step '$step'; valid: check, create, setup, train, logs, stop, delete." >&2
     usage
     ;;
 esac

@@ -1,5 +1,6 @@
 """The sample binary end to end: tiny tokenizer + VIM / Parti trained by the real loop, then
 sampled, decoded and written (PNG grid, tokens .npy, JSON line); cached == uncached tokens."""
+import glob
 import json
 import os
 import subprocess
@@ -218,3 +219,20 @@ def test_rerank_keeps_the_best_scoring_candidate(workdirs):
   with pytest.raises(ValueError, match="it must be a 'contrastive' run"):
     _sample(workdirs["parti"], num_samples=1, rerank_workdir=workdirs["parti"],
             num_candidates=2, **kwargs)
+
+
+def test_training_writes_sample_grids_and_hparams(workdirs):
+  """Stage 2 can be watched: each eval step writes a captioned sample grid (fixed
+  conditions and seed) as PNG and to TensorBoard, next to the config as hparams."""
+  from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+  step = workdirs["stage2"]["total_steps"]
+  for name in ("vim", "parti"):
+    png = os.path.join(workdirs[name], f"samples_{step}.png")
+    with Image.open(png) as image:  # 8 samples in 4 columns, captioned, upscaled x8.
+      assert image.width >= 4 * IMAGE * 8 and image.height >= 2 * IMAGE * 8
+    tags = set()
+    for path in glob.glob(os.path.join(workdirs[name], "tb", "events.out.tfevents.*")):
+      for event in event_file_loader.EventFileLoader(path).Load():
+        tags |= {(v.tag, v.metadata.plugin_data.plugin_name) for v in event.summary.value}
+    assert ("eval/samples", "images") in tags, (name, tags)
+    assert ("_hparams_/session_start_info", "hparams") in tags, (name, tags)

@@ -15,6 +15,8 @@ from typing import Callable
 from absl import app
 from absl import flags
 
+from vimjax import log_setup
+
 DEBUG_ENV = "VIMJAX_DEBUG"
 _DEBUG = flags.DEFINE_bool(
     "debug", False, f"Show the traceback of user-facing errors (or set ${DEBUG_ENV}=1).")
@@ -171,5 +173,7 @@ def guarded(main: Callable) -> Callable:
 
 
 def run(main: Callable) -> None:
-  """`absl.app.run(main)` with one-line errors from flag parsing and from `main`."""
+  """`absl.app.run(main)` with one-line errors from flag parsing and from `main`,
+  and the libraries' INFO chatter filtered out (log_setup.py)."""
+  log_setup.install()
   app.run(guarded(main), flags_parser=parse_flags)

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
 from clu import metrics as clu_metrics
+from clu import periodic_actions
 from etils import epath
 import flax.linen as nn
 import jax
@@ -27,12 +27,14 @@ from vimjax import config_lib
 from vimjax import errors
 from vimjax import flops
 from vimjax import flops_cache
+from vimjax import log_setup
 from vimjax import parallel
 from vimjax import tasks
 from vimjax import workdir_lock
 from vimjax.data import pipeline
 from vimjax.evaluation import generative
 from vimjax.evaluation import grid
+from vimjax.evaluation import sample_grid
 from vimjax.tasks import base
 from vimjax.train import guard
 from vimjax.train import preflight
@@ -175,8 +177,9 @@ def _train(config, workdir: str, sigterm, lock) -> dict:
   rules = parallel.rules_from_config(config.mesh)
   logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape),
                jax.device_count(), jax.process_count())
-  writer = metric_writers.create_default_writer(
-      os.path.join(workdir, "tb"), just_logging=jax.process_index() > 0)
+  writer = log_setup.create_metric_writer(os.path.join(workdir, "tb"),
+                                         write=jax.process_index() == 0)
+  writer.write_hparams(log_setup.config_hparams(config))  # TensorBoard's HPARAMS tab.
 
   # Measured (when not configured) on one device, outside the mesh context.
   peak = flops.peak_flops_per_device(config.peak_flops_per_device, config.model.dtype)
@@ -226,8 +229,12 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
   step_fn = jit_train_step(task, state_sh, mesh)
   eval_fn = jit_eval_step(task, state_sh, mesh)
   fid_extractor = generative.make_extractor(config, mesh) if generative.enabled(config) else None
+  grid_sampler = sample_grid.make_sampler(config, mesh, task)  # None unless VIM / Parti.
   batch, skipped = _device_batch(next(train_iter), mesh)
+  logging.info("Compiling the train step (a minute on CPU for tiny configs, more for large ones).")
+  compile_start = time.perf_counter()
   compiled = step_fn.lower(state, batch, step_rng, task.frozen).compile()
+  logging.info("Compiled the train step in %.1f s.", time.perf_counter() - compile_start)
   compiled_flops = flops.compiled_flops(compiled)
   memory = compiled.memory_analysis()
   logging.info("Compiled train step: %.3g FLOPs/device/step (XLA's count of the compiled "
@@ -242,6 +249,9 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
   # Non-finite steps so far (`health`, on device) and at the last log (host).
   health, logged_nonfinite = guard.empty_health(), 0
   loss_watch, window_loss = guard.LossWatch(config.max_loss_ratio), None
+  # "Setting work unit notes: 2.1 steps/s, 40.0% (400/1000), ETA: 4m (6m : 3.1% eval)".
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=config.total_steps, every_secs=60.0)
 
   def check_health(step):
     """Reads the device-side guard (a sync: only at log and save steps)."""
@@ -265,6 +275,7 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
     state, metrics = compiled(state, batch, jax.random.fold_in(step_rng, step), task.frozen)
     train_metrics = accumulate(train_metrics, metrics)
     health = guard.track(health, metrics, step)
+    report_progress(step)
 
     if step % config.log_every_steps == 0 or step == config.total_steps:
       nonfinite_count = check_health(step)
@@ -314,6 +325,13 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
         tiles = grid.write_image_grid(os.path.join(workdir, f"eval_{step}.png"), images,
                                       columns=8, upscale=max(1, 128 // images.shape[1]))
         writer.write_images(step, {"eval/grid": tiles[None]})
+      if grid_sampler is not None:
+        samples = grid_sampler(state)
+        if jax.process_index() == 0:
+          tiles = grid.write_image_grid(
+              os.path.join(workdir, f"samples_{step}.png"), samples, columns=4,
+              captions=grid_sampler.captions, upscale=max(1, 128 // samples.shape[1]))
+          writer.write_images(step, {"eval/samples": tiles[None]})
       logging.info("eval step %d: %s", step, json.dumps(eval_metrics))
       result.update({f"eval_{k}": v for k, v in eval_metrics.items()})
       last_log = time.perf_counter()  # Do not count eval time as training time.
