@@ -21,13 +21,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS-cpu} $(PY) -m vimjax.demo --workdir=$(DEMO_DIR)
 
-# The whole test suite on 8 fake CPU devices (tests/conftest.py sets them).
+# The whole test suite on 8 fake CPU devices (tests/conftest.py sets them). Whole files
+# per worker, slowest first (the order tests/conftest.py gives; xdist's reorder off).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist=loadfile tests
+	$(PY) -m pytest -q -n 2 --dist=loadfile --no-loadscope-reorder tests
 
 # The edit loop: no training runs, no binaries, no multi-process or libtpu compiles.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist=loadfile -m "not slow and not multiprocess and not libtpu" tests
+	$(PY) -m pytest -q -n 2 --dist=loadfile --no-loadscope-reorder -m "not slow and not multiprocess and not libtpu" tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

@@ -35,8 +35,8 @@ ARGS = ["--config=tests/survive_configs.py", f"--config.total_steps={STEPS}",
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp("jax_cache"))
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-              JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=cache,
+  # XLA_FLAGS (8 devices, cheap codegen) come from conftest through os.environ.
+  return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=cache,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 

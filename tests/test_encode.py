@@ -10,36 +10,22 @@ import numpy as np
 import pytest
 
 from vimjax.configs import vim as vim_config
-from vimjax.configs import vitvqgan
 from vimjax import config_lib
 from vimjax import encoding
 from vimjax.data import pipeline
 from vimjax.data import sources
-from vimjax.train import loop
 from vimjax.tasks import tokenizer
 
 pytestmark = pytest.mark.slow
 
-CODEBOOK, SIZE, GRID = 64, 32, 8
+CODEBOOK, SIZE, GRID = 64, 16, 4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tokenizer_workdir(tmp_path_factory):
-  """A tiny tokenizer (1 layer, dim 32, 64 codes) trained for 2 steps by the real loop."""
-  config = vitvqgan.get_config("tiny")
-  config.unlock()
-  for side in (config.model.encoder, config.model.decoder):
-    side.update(num_layers=1, num_heads=2, emb_dim=32, mlp_dim=64)
-  config.model.update(codebook_size=CODEBOOK, lookup_dim=8)
-  config.loss.adversarial_weight = 0.0
-  config.update(total_steps=2, global_batch_size=8, log_every_steps=2, eval_every_steps=2,
-                checkpoint_every_steps=2, num_eval_images=8, peak_flops_per_device=1e12)
-  config.data.update(num_train_examples=64, num_eval_examples=8)
-  config.lock()
-  workdir = str(tmp_path_factory.mktemp("vq"))
-  loop.train_and_evaluate(config, workdir)
-  return workdir
+def tokenizer_workdir(tiny_tokenizer):
+  """The session's tiny tokenizer (conftest: 16 px, 4x4 grid, 64 codes), trained 2 steps."""
+  return tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +77,7 @@ def test_stage2_config_reads_the_shards(encoded):
   config = vim_config.get_config("tiny")
   config.unlock()
   config.data.source = f"array_record:{output}/tokens-{{split}}-*.array_record"
-  config.model.codebook_size = CODEBOOK
+  config.model.update(grid_size=GRID, codebook_size=CODEBOOK)
   config_lib.validate(config, 8)
   batch = next(pipeline.create_iterator(config.data, split="train", global_batch_size=8, seed=0,
                                         train=True))

@@ -77,8 +77,7 @@ def workdirs(tmp_path_factory):
     overrides.update({f"model.{side}.num_layers": 1, f"model.{side}.num_heads": 2,
                       f"model.{side}.emb_dim": 32, f"model.{side}.mlp_dim": 64})
   overrides.update(FINETUNE)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # XLA_FLAGS: conftest's (8 devices).
   proc = subprocess.run(
       [sys.executable, "-m", "vimjax.train", "--config=configs/vitvqgan.py:tiny",
        f"--workdir={finetuned}", f"--config.finetune_decoder_from={source}",

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configs import vitvqgan
+from vimjax.configs import vitvqgan
 from vimjax import log_setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

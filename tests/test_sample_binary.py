@@ -16,7 +16,6 @@ import pytest
 from vimjax.configs import contrastive as contrastive_config
 from vimjax.configs import parti as parti_config
 from vimjax.configs import vim as vim_config
-from vimjax.configs import vitvqgan
 from vimjax import checkpoint
 from vimjax import config_lib
 from vimjax import parallel
@@ -54,16 +53,11 @@ def _caption(i: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def workdirs(tmp_path_factory):
-  """Trains (2 steps each) a tiny tokenizer, a class-conditional VIM and a Parti."""
+def workdirs(tiny_tokenizer, tmp_path_factory):
+  """Trains (2 steps each) a class-conditional VIM and a Parti on the session's tiny
+  tokenizer (conftest: 16 px, 4x4 grid, 64 codes)."""
   root = tmp_path_factory.mktemp("sample")
-  tok = _set(vitvqgan.get_config("tiny"), **_common(), **{
-      "data.image_size": IMAGE, "model.patch_size": PATCH, "model.codebook_size": CODES,
-      "model.lookup_dim": 8, "loss.adversarial_weight": 0.0})
-  for side in (tok.model.encoder, tok.model.decoder):
-    side.update(num_layers=1, num_heads=2, emb_dim=32, mlp_dim=64)
-  tok_dir = str(root / "tokenizer")
-  loop.train_and_evaluate(tok, tok_dir)
+  tok_dir = tiny_tokenizer
 
   rs = np.random.RandomState(0)
   records = lambda n, offset: [  # pylint: disable=g-long-lambda

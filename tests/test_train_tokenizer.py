@@ -1,6 +1,7 @@
 """The tokenizer task through the real loop: sharding, exact resume, SIGTERM, eval, summary."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,11 +139,10 @@ def test_real_sigterm_handler_sets_the_flag():
     signal.signal(signal.SIGTERM, previous)
 
 
-def test_evaluate_binary_prints_metrics_json(tmp_path):
+def test_evaluate_binary_prints_metrics_json(tiny_tokenizer, tmp_path):
   workdir = str(tmp_path / "vq")
-  loop.train_and_evaluate(micro_config(total_steps=2), workdir)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  shutil.copytree(tiny_tokenizer, workdir)  # The session's; evaluate writes into its workdir.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # XLA_FLAGS: conftest's (8 devices).
   proc = subprocess.run(
       [sys.executable, "-m", "vimjax.evaluate", f"--workdir={workdir}",
        "--config.num_eval_images=8"], capture_output=True, text=True, timeout=300, env=env)
