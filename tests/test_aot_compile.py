@@ -18,6 +18,7 @@ from vimjax.configs import vim
 from vimjax.configs import vitvqgan
 from vimjax import aot_compile
 from vimjax import config_lib
+from vimjax import tasks
 
 pytestmark = pytest.mark.libtpu
 
@@ -26,15 +27,8 @@ MEMORY_FIELDS = ("argument_bytes", "output_bytes", "code_bytes", "total_bytes")
 
 
 def _one_layer(config, **overrides):
-  with config.unlocked():
-    m = config.model
-    if config.task == "tokenizer":
-      m.encoder.num_layers = m.decoder.num_layers = 1
-    elif config.task == "vim":
-      m.num_layers = 1
-    else:
-      m.encoder_layers = m.decoder_layers = 1
-  return config_lib.override(config, **overrides)
+  layers = {f"model.{key}": 1 for key in tasks.get(config).LAYER_KEYS}
+  return config_lib.override(config, **layers, **overrides)
 
 
 def _check_fits(out: dict):

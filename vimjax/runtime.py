@@ -10,6 +10,8 @@ from etils import epath
 import jax
 from ml_collections import config_flags
 
+from vimjax import configs
+
 COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for multi-process runs "
     "(default: $JAX_COORDINATOR_ADDRESS).")
@@ -81,36 +83,18 @@ def emit_result(result: dict, workdir: str | None, name: str) -> None:
   print(line, flush=True)
 
 
-CONFIGS_PREFIX = "configs/"
-
-
-def packaged_config_path(path: str) -> str:
-  """`configs/X.py[:variant]` -> the installed vimjax/configs/X.py when no such file is here.
-
-  The repository's top-level `configs` is a link to the vimjax.configs package,
-  so README commands work in a checkout; a non-editable install run from
-  another directory finds the same files in the package.
-  """
-  file, sep, variant = path.partition(":")
-  if not file.startswith(CONFIGS_PREFIX) or os.path.exists(file):
-    return path
-  from vimjax import configs  # pylint: disable=g-import-not-at-top
-  packaged = os.path.join(os.path.dirname(configs.__file__), file[len(CONFIGS_PREFIX):])
-  return packaged + sep + variant if os.path.exists(packaged) else path
-
-
 def define_config_file(default: str | None = None,
                        help_string: str = "Experiment config file[:variant].") -> None:
   """Defines --config as a config file (`configs/...` found in the package too).
 
   `--config=configs/...` arguments in sys.argv and the default are resolved with
-  `packaged_config_path` before absl parses them.
+  `vimjax.configs.find` before absl parses them.
   """
   for i, arg in enumerate(sys.argv):
     if arg.startswith("--config="):
-      sys.argv[i] = "--config=" + packaged_config_path(arg[len("--config="):])
+      sys.argv[i] = "--config=" + configs.find(arg[len("--config="):])
   config_flags.DEFINE_config_file(
-      "config", None if default is None else packaged_config_path(default), help_string)
+      "config", None if default is None else configs.find(default), help_string)
 
 
 def define_config_from_workdir(workdir_flag: str, load) -> None:

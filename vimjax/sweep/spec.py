@@ -36,6 +36,7 @@ import shlex
 import ml_collections
 
 from vimjax import config_lib
+from vimjax import configs
 
 REQUIRED = ("base", "overrides", "trials", "grid", "metric", "fit_against", "with_offset",
             "prepare", "prepare_args")
@@ -52,7 +53,7 @@ class Trial:
 
 def load_config_file(spec: str, flag: str = "--sweep") -> ml_collections.ConfigDict:
   """Calls get_config([variant]) of "FILE.py[:variant]" (a relative FILE is tried from the repo)."""
-  path, _, variant = spec.partition(":")
+  path, _, variant = configs.find(spec).partition(":")
   if not os.path.exists(path) and os.path.exists(os.path.join(REPO, path)):
     path = os.path.join(REPO, path)
   if not path.endswith(".py") or not os.path.exists(path):

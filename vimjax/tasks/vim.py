@@ -96,9 +96,14 @@ def synthetic_conditions(config, batch_size: int, seed: int = 0) -> np.ndarray |
 
 def sampling_settings(config, **overrides) -> dict:
   """`base.sampling_settings`; an unconditional VIM samples with guidance 1.0 (there
-  is no class to guide towards)."""
+  is no class to guide towards): config.sampling.cfg_scale is ignored, an
+  explicit other `cfg_scale` is an error."""
   settings = base.sampling_settings(config, **overrides)
   if not config.model.num_classes:
+    asked = overrides.get("cfg_scale")
+    if asked is not None and asked != 1.0:
+      raise ValueError(f"cfg_scale={asked} needs a class-conditional VIM "
+                       "(model.num_classes > 0); this one is unconditional.")
     settings["cfg_scale"] = 1.0
   return settings
 
