@@ -2,6 +2,7 @@
 import json
 import os
 
+from etils import epath
 import ml_collections
 
 from vimjax import config_checks
@@ -178,10 +179,9 @@ def _validate_stage2(config) -> None:
     raise ValueError(f"model.cfg_dropout={config.model.cfg_dropout} must be in [0, 1].")
   kind, _, pattern = source.partition(":")
   directory = os.path.dirname(pattern)
-  metadata = os.path.join(directory, "metadata.json")
-  if kind == "array_record" and "{split}" not in directory and os.path.exists(metadata):
-    with open(metadata) as f:
-      written = json.load(f)
+  metadata = epath.Path(directory) / "metadata.json"  # Local or gs://.
+  if kind == "array_record" and "{split}" not in directory and metadata.exists():
+    written = json.loads(metadata.read_text())
     for key in ("grid_size", "codebook_size"):
       if written[key] != config.model[key]:
         raise ValueError(f"model.{key}={config.model[key]} does not match the tokens in "
