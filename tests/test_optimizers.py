@@ -240,3 +240,18 @@ def test_bad_optimizer_settings_fail_in_config_validation():
                                **{"optimizer.accumulation_steps": 0})
   with pytest.raises(ValueError, match=r"optimizer.accumulation_steps=0; valid: an integer >= 1"):
     config_lib.validate(config, 8)
+
+
+@pytest.mark.parametrize("shape", [(256, 128), (128, 256), (3, 3, 256, 512), (128, 128),
+                                   (512, 64), (4096,), (200, 300, 200)])
+def test_factored_dims_copy_matches_the_moments_optax_builds(shape):
+  """The local copy of optax's factoring rule names the moments optax actually creates."""
+  state = optax.scale_by_factored_rms(min_dim_size_to_factor=optimizers.MIN_DIM_SIZE_TO_FACTOR
+                                      ).init({"w": jnp.zeros(shape)})
+  v_row, v_col = state.v_row["w"].shape, state.v_col["w"].shape
+  dims = optimizers._factored_dims(shape)  # pylint: disable=protected-access
+  if dims is None:
+    assert v_row == v_col == (1,)
+  else:
+    d1, d0 = dims
+    assert v_row == tuple(np.delete(shape, d0)) and v_col == tuple(np.delete(shape, d1))

@@ -30,13 +30,17 @@ import orbax.checkpoint as ocp
 from vimjax import errors
 
 
+def absolute(path: str) -> str:
+  """A URL (gs://...) as is, a local path made absolute (os.path.abspath breaks URLs)."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 def checkpoints_dir(workdir: str) -> str:
   """WORKDIR/checkpoints; a gs:// URL is kept as is, a local path made absolute.
 
   A pod's processes must share the directory: a gs:// URL or a shared filesystem.
   """
-  root = workdir if "://" in workdir else os.path.abspath(workdir)
-  return os.path.join(root, "checkpoints")
+  return os.path.join(absolute(workdir), "checkpoints")
 
 
 def check_writable(directory: str) -> None:

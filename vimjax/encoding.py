@@ -5,13 +5,12 @@ output layout) and the demo: restores the tokenizer's generator into the
 mesh's shardings, encodes each split with the eval pipeline and writes
 ArrayRecord shards plus metadata.json for stage 2.
 """
-import glob
 import itertools
 import json
 import math
-import os
 
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -92,7 +91,7 @@ def encode_split(config, split: str, encode, params, mesh, output: str,
     if first is None:  # Never an empty file.
       break
     name = f"tokens-{split}-{jax.process_index() * k + j:05d}-of-{n:05d}.array_record"
-    sources.write_array_record(os.path.join(output, name),
+    sources.write_array_record(str(epath.Path(output) / name),
                                itertools.chain([first],
                                                itertools.islice(records, examples_per_shard - 1)))
     written.append(name)
@@ -103,15 +102,16 @@ def encode_split(config, split: str, encode, params, mesh, output: str,
 
 
 def _prepare_output(output: str, overwrite: bool) -> None:
-  existing = sorted(glob.glob(os.path.join(output, SHARD_GLOB)))
-  metadata = os.path.join(output, "metadata.json")
-  if (existing or os.path.exists(metadata)) and not overwrite:
+  """Refuses (or, with `overwrite`, clears) an output that holds shards; local or gs://."""
+  existing = [epath.Path(p) for p in sources.glob_paths(str(epath.Path(output) / SHARD_GLOB))]
+  metadata = epath.Path(output) / "metadata.json"
+  if (existing or metadata.exists()) and not overwrite:
     raise ValueError(f"--output={output!r} already holds {len(existing)} token shards; pass "
                      "--overwrite to replace them.")
   if jax.process_index() == 0:
-    os.makedirs(output, exist_ok=True)
-    for path in existing + ([metadata] if os.path.exists(metadata) else []):
-      os.remove(path)
+    epath.Path(output).mkdir(parents=True, exist_ok=True)
+    for path in existing + ([metadata] if metadata.exists() else []):
+      path.unlink()
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("vimjax.encode: output ready")
 
@@ -165,7 +165,7 @@ def run(config, tokenizer_workdir: str, output: str, *, splits=("train", "eval")
     metadata = {**result, "grid_size": config.data.image_size // config.model.patch_size,
                 "codebook_size": tokenizer.num_codes(config),
                 "image_size": config.data.image_size, "source": config.data.source,
-                "tokenizer_workdir": os.path.abspath(tokenizer_workdir), "tokenizer_step": step}
-    with open(os.path.join(output, "metadata.json"), "w") as f:
-      json.dump(metadata, f, indent=2)
+                "tokenizer_workdir": checkpoint.absolute(tokenizer_workdir),
+                "tokenizer_step": step}
+    (epath.Path(output) / "metadata.json").write_text(json.dumps(metadata, indent=2))
   return result

@@ -6,7 +6,7 @@ Specs:
                        (ArrayRecord, random access; never downloads — run
                        `tfds build NAME --file_format=array_record` first).
   folder:PATH          images under PATH (recursive; .jpg .jpeg .png .webp).
-  array_record:GLOB    ArrayRecord files of `encode_record` dicts.
+  array_record:GLOB    ArrayRecord files of `encode_record` dicts (local or gs://).
 
 `PATH` and `GLOB` may contain `{split}`, replaced by the requested split name
 ("train", "eval", ...), e.g. `folder:/data/imagenet/{split}`; without it every
@@ -30,11 +30,13 @@ arrays keep dtype and shape, `str` stays str and `bytes` stays bytes. The
 stage-2 `encode` binary writes e.g. {"tokens": int32 [L], "label": int32 [],
 "caption": str} with `write_array_record`.
 """
-import glob as glob_lib
 import os
+import re
+import tempfile
 from typing import Any, Iterable
 
 from absl import logging
+from etils import epath
 from flax import serialization
 import grain
 import numpy as np
@@ -68,11 +70,23 @@ def decode_record(data: bytes) -> dict[str, Any]:
 
 
 def write_array_record(path: str, records: Iterable[dict[str, Any]]) -> int:
-  """Writes `encode_record` dicts to one ArrayRecord file; returns the count.
+  """Writes `encode_record` dicts to one ArrayRecord file, local or gs://; returns the count.
 
   Uses group_size:1 so that `array_record:` sources read any record directly.
+  ArrayRecordWriter writes local files only (its reader also reads gs://), so a
+  remote `path` is written to a local temporary file, then copied with epath.
   """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  if "://" not in path:
+    return _write_local(array_record_module, path, records)
+  with tempfile.TemporaryDirectory(prefix="vimjax_shard_") as tmp:
+    local = os.path.join(tmp, os.path.basename(path))
+    count = _write_local(array_record_module, local, records)
+    epath.Path(local).copy(epath.Path(path), overwrite=True)
+  return count
+
+
+def _write_local(array_record_module, path: str, records) -> int:
   writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
   count = 0
   try:
@@ -82,6 +96,19 @@ def write_array_record(path: str, records: Iterable[dict[str, Any]]) -> int:
   finally:
     writer.close()
   return count
+
+
+def glob_paths(pattern: str) -> list[str]:
+  """Sorted paths matching a glob `pattern`, local or any epath filesystem (gs://).
+
+  Wildcards may appear in any component, e.g. gs://b/tokens/*/tokens-train-*.array_record.
+  """
+  parts = pattern.split("/")
+  first = next((i for i, p in enumerate(parts) if re.search(r"[*?[]", p)), None)
+  if first is None:
+    return [pattern] if epath.Path(pattern).exists() else []
+  root = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+  return sorted(str(p) for p in epath.Path(root).glob("/".join(parts[first:])))
 
 
 class _Subset:
@@ -221,7 +248,7 @@ class ArrayRecordSource:
 
   def __init__(self, pattern: str):
     self.pattern = pattern
-    self.paths = sorted(glob_lib.glob(pattern))
+    self.paths = glob_paths(pattern)
     if not self.paths:
       raise ValueError(f"array_record source {pattern!r} matches no files.")
     self.source = grain.sources.ArrayRecordDataSource(self.paths)

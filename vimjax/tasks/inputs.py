@@ -8,6 +8,7 @@ their specs, synthetic values and the config checks of their sources.
 import json
 import os
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -59,10 +60,9 @@ def validate_token_source(config) -> None:
                      "'array_record:OUT/tokens-{split}-*.array_record'.")
   kind, _, pattern = source.partition(":")
   directory = os.path.dirname(pattern)
-  metadata = os.path.join(directory, "metadata.json")
-  if kind == "array_record" and "{split}" not in directory and os.path.exists(metadata):
-    with open(metadata) as f:
-      written = json.load(f)
+  metadata = epath.Path(directory) / "metadata.json"  # Local or gs://.
+  if kind == "array_record" and "{split}" not in directory and metadata.exists():
+    written = json.loads(metadata.read_text())
     for key in ("grid_size", "codebook_size"):
       if written[key] != config.model[key]:
         raise ValueError(f"model.{key}={config.model[key]} does not match the tokens in "

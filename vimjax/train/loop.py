@@ -212,7 +212,8 @@ def _train(config, workdir: str, sigterm, lock) -> dict:
       raise
     finally:
       writer.flush()
-  model_flops = step_flops.per_step(wait=True)
+  # A preempted run exits at once; a finished one has the count (its last log waited).
+  model_flops = step_flops.per_step(wait=not result.get("preempted"))
   result.update(flops_per_step=model_flops, peak_flops_per_device=peak,
                 flops_per_step_per_device=model_flops and model_flops / jax.device_count())
   if jax.process_index() == 0:

@@ -20,6 +20,7 @@ zero-gradient step shrinks it by exactly lr_t * weight_decay (AdamW's rule).
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 # optax.adafactor's default: dims smaller than this are never factored.
@@ -155,19 +156,34 @@ def init_state(tx: optax.GradientTransformation, params):
   v_col is [mlp] split over `tensor`, not `fsdp`); the (1,) placeholders get none.
   """
   return jax.tree.map(lambda s: _name_factored(s, params), tx.init(params),
-                      is_leaf=lambda s: isinstance(s, factorized.FactoredState))
+                      is_leaf=lambda s: isinstance(s, optax.FactoredState))
+
+
+def _factored_dims(shape) -> tuple[int, int] | None:
+  """(d1, d0): the axes Adafactor factors over, or None when it keeps a full moment.
+
+  A copy of optax's private rule (optax/_src/factorized.py `_factored_dims`,
+  optax 0.2.8), kept here to name the moments without a private import: the two
+  largest dims (ties by np.argsort), if the smaller of them is at least
+  MIN_DIM_SIZE_TO_FACTOR; v_row drops d0, v_col drops d1.
+  """
+  if len(shape) < 2:
+    return None
+  sorted_dims = np.argsort(shape)
+  if shape[sorted_dims[-2]] < MIN_DIM_SIZE_TO_FACTOR:
+    return None
+  return int(sorted_dims[-2]), int(sorted_dims[-1])
 
 
 def _name_factored(state, params):
-  if not isinstance(state, factorized.FactoredState):
+  if not isinstance(state, optax.FactoredState):
     return state
 
   def moment(which):
     def fit(box, param):
       if not isinstance(box, nn.Partitioned) or not isinstance(param, nn.Partitioned):
         return box
-      dims = factorized._factored_dims(  # pylint: disable=protected-access
-          param.value.shape, True, MIN_DIM_SIZE_TO_FACTOR)
+      dims = _factored_dims(param.value.shape)
       placeholder = (None,) * box.value.ndim
       if which == "v":  # The full moment of an unfactored param, else a placeholder.
         names = param.names if box.value.shape == param.value.shape else placeholder
