@@ -45,7 +45,6 @@ import dataclasses
 import importlib.util
 import os
 import re
-import tempfile
 import time
 from typing import Any
 
@@ -141,7 +140,7 @@ def _ensure_lpips_weights(config) -> None:
   path = config.loss.perceptual_weights
   if path and ("://" in path or os.path.exists(path)):
     return
-  out = os.path.join(tempfile.mkdtemp(prefix="vimjax_aot_lpips_"), "lpips.npz")
+  out = os.path.join(runtime.scratch_dir(prefix="vimjax_aot_lpips_"), "lpips.npz")
   np.savez(out, **{k: np.zeros(s, np.float32)
                    for k, s in perceptual.expected_param_shapes().items()})
   logging.info("loss.perceptual_weights=%r does not exist; zeros of the same shapes stand in "

@@ -31,7 +31,6 @@ Any config field can be overridden, e.g. a ~60M-param Parti:
     --config.global_batch_size=8 --steps=3
 """
 import os
-import tempfile
 import time
 
 from absl import app
@@ -109,7 +108,7 @@ def _ensure_text_tokenizer(config) -> None:
   path = config.data.text_tokenizer
   if "<dir>" not in path and ("://" in path or os.path.exists(path)):
     return
-  directory = tempfile.mkdtemp(prefix="vimjax_benchmark_spm_")
+  directory = runtime.scratch_dir(prefix="vimjax_benchmark_spm_")
   captions = (shapes.caption_from_scene(shapes.sample_scene("train", i)) for i in range(2000))
   trained = text.train_sentencepiece(captions, os.path.join(directory, "spm"),
                                      min(config.model.text_vocab_size, 512))

@@ -1,8 +1,11 @@
 """Start-up and result plumbing shared by the thin absl binaries."""
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from absl import flags
 from absl import logging
@@ -79,6 +82,14 @@ def emit_result(result: dict, workdir: str | None, name: str) -> None:
     (epath.Path(workdir) / f"{name}.json").write_text(line + "\n")
   sys.stdout.flush()
   print(line, flush=True)
+
+
+def scratch_dir(prefix: str) -> str:
+  """A new temporary directory, removed with its files when the process exits
+  (the stand-in vocabulary / LPIPS files of benchmark and aot_compile)."""
+  directory = tempfile.mkdtemp(prefix=prefix)
+  atexit.register(shutil.rmtree, directory, ignore_errors=True)
+  return directory
 
 
 def define_config_from_workdir(workdir_flag: str, load) -> None:
