@@ -217,8 +217,8 @@ def _train(config, workdir: str, sigterm, lock) -> dict:
   # Model FLOPs of the unrolled, un-remat'ed step: XLA's count of the compiled
   # step sees a scanned stack once (see flops.py), so MFU uses this instead.
   # Per phase: the tokenizer's GAN branch only runs from adversarial_start_step.
-  logging.info("Counting the model's FLOPs (lowers the unrolled step; minutes for a large model).")
-  flops_phases = flops.model_flops_by_phase(config)
+  with log_setup.progress("Counting the model's FLOPs (lowering the unrolled step)"):
+    flops_phases = flops.model_flops_by_phase(config)
   model_flops = flops_phases[-1][1]
   step_flops = model_flops / jax.device_count()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -263,10 +263,8 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
   fid_extractor = generative.make_extractor(config, mesh) if generative.enabled(config) else None
   grid_sampler = sample_grid.make_sampler(config, mesh, task)  # None unless VIM / Parti.
   batch, skipped = _device_batch(next(train_iter), mesh)
-  logging.info("Compiling the train step (a minute on CPU for tiny configs, more for large ones).")
-  compile_start = time.perf_counter()
-  compiled = step_fn.lower(state, batch, step_rng, task.frozen).compile()
-  logging.info("Compiled the train step in %.1f s.", time.perf_counter() - compile_start)
+  with log_setup.progress("Compiling the train step"):
+    compiled = step_fn.lower(state, batch, step_rng, task.frozen).compile()
   compiled_flops = flops.compiled_flops(compiled)
   memory = compiled.memory_analysis()
   logging.info("Compiled train step: model %.3g FLOPs/device/step (compiled program: %.3g); "
