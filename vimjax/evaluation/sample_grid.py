@@ -16,7 +16,7 @@ import numpy as np
 
 from vimjax import parallel
 from vimjax import sampling
-from vimjax.data import pipeline
+from vimjax.data import sources
 from vimjax.data import text
 
 NUM_SAMPLES = 8
@@ -24,36 +24,36 @@ SEED = 0
 STAGE2 = ("vim", "parti")
 
 
-def _conditions(config, num_classes: int, transforms):
-  """(captions, condition): VIM labels [n] (None if unconditional), Parti text_ids [n, L]."""
+def _conditions(config, num_classes: int):
+  """(captions, condition): VIM labels [n] (None if unconditional), Parti text_ids [n, L].
+
+  Read by index from the eval source, not through the sharded pipeline, so that
+  every process holds the same conditions.
+  """
   if config.task == "vim":
     if num_classes == 0:
       return [f"sample {i}" for i in range(NUM_SAMPLES)], None
     labels = np.arange(NUM_SAMPLES, dtype=np.int32) % num_classes
     return [f"class {label}" for label in labels], labels
-  iterator = pipeline.create_iterator(
-      config.data, split="eval", global_batch_size=max(config.global_batch_size, NUM_SAMPLES),
-      seed=config.seed, train=False, transforms=transforms)
-  batch = next(iter(iterator))
-  keep = np.flatnonzero(batch["mask"] > 0)[:NUM_SAMPLES]
-  text_ids = np.asarray(batch["text_ids"])[keep]
-  # The transform replaced the captions by their ids: captions as the model sees them.
+  source = sources.make_source(config.data.source, "eval", image_size=config.data.image_size)
+  captions = [sources.split_captions(str(source[i]["caption"]))[0]
+              for i in range(min(NUM_SAMPLES, len(source)))]
   tokenizer = text.TextTokenizer(config.data.text_tokenizer, config.model.max_text_length)
-  return tokenizer.decode(text_ids), text_ids
+  text_ids, _ = tokenizer.encode(captions)
+  return captions, np.asarray(text_ids, np.int32)
 
 
 class Sampler:
   """Draws the grid's images from a train state: `sampler(state) -> [n, H, W, 3] in [0, 1]`."""
 
-  def __init__(self, config, mesh, task, model):
+  def __init__(self, config, mesh, model):
     from vimjax import sample as sample_lib  # pylint: disable=g-import-not-at-top (binary)
-    self._config, self._mesh, self._model = config, mesh, model
+    self._config, self._model = config, model
     rules = parallel.rules_from_config(config.mesh)
     _, self._tok_model, self._tok_params = sample_lib.load_tokenizer(
         config.tokenizer_workdir, mesh, rules)
     self._decode = sample_lib.decode_tokens
-    self.captions, condition = _conditions(config, getattr(model, "num_classes", 0),
-                                           task.data_transforms)
+    self.captions, condition = _conditions(config, getattr(model, "num_classes", 0))
     dp = parallel.data_parallel_size(mesh)
     self._padded = -(-len(self.captions) // dp) * dp  # Whole rows for every data shard.
     self._condition = None if condition is None else jax.device_put(
@@ -78,7 +78,7 @@ class Sampler:
     return np.clip(images[:len(self.captions)].astype(np.float32), 0.0, 1.0)
 
 
-def make_sampler(config, mesh, task) -> Sampler | None:
+def make_sampler(config, mesh) -> Sampler | None:
   """The grid sampler of a VIM / Parti run, or None (other tasks; no tokenizer to
   decode with: said once in the log)."""
   if config.task not in STAGE2:
@@ -90,4 +90,4 @@ def make_sampler(config, mesh, task) -> Sampler | None:
                     "TensorBoard).", workdir)
     return None
   from vimjax.train import tasks  # pylint: disable=g-import-not-at-top (tasks import the loop)
-  return Sampler(config, mesh, task, tasks.TASKS[config.task].build_model(config))
+  return Sampler(config, mesh, tasks.TASKS[config.task].build_model(config))
