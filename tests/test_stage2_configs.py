@@ -152,3 +152,20 @@ def test_paper_model_and_recipe_settings():
             vim.sampling.cfg_scale) == (1.0, 0, 1.0, 1.0)
     assert (vim.optimizer.weight_decay, vim.optimizer.ema_decay) == (0.0, 0.0)
     assert vim.model.num_classes == 1000 and vim.model.codebook_size == 8192
+
+
+def test_parti_20b_defaults_are_its_proof_of_fit_slice():
+  """20B fits v4:8x8x8 only as 32 accumulated microbatches of 256 (BUILD_NOTES, "Proof of
+  fit": 17.2 GiB/chip); its schedule is still the paper's, in optimizer updates."""
+  from vimjax.train import optimizers  # pylint: disable=g-import-not-at-top
+  config = parti_config.get_config("20b")
+  o = config.optimizer
+  assert (config.global_batch_size, o.accumulation_steps) == (256, 32)
+  k = o.accumulation_steps
+  assert config.global_batch_size * k == 8192
+  assert (config.total_steps // k, o.warmup_steps // k, o.decay_start_step // k) == (
+      450_000, 5_000, 85_000)
+  schedule = optimizers.create_schedule(o, config.total_steps)
+  assert float(schedule(5_000)) == pytest.approx(o.lr)  # Warm-up ends at update 5k.
+  assert float(schedule(450_000)) == pytest.approx(o.end_lr)
+  assert (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) == (1, -1, 16)

@@ -59,6 +59,7 @@ import numpy as np
 from vimjax import errors
 from vimjax import flops
 from vimjax import hardware
+from vimjax import log_setup
 from vimjax import parallel
 from vimjax import roofline
 from vimjax import runtime
@@ -196,7 +197,8 @@ def _compile(lowered) -> tuple[Any, float]:
   """(compiled program or the compiler's OutOfMemory, seconds)."""
   start = time.perf_counter()
   try:
-    compiled = compile_lowered(lowered)
+    with log_setup.progress("Compiling for the slice (minutes for the paper sizes)"):
+      compiled = compile_lowered(lowered)
   except OutOfMemory as e:
     compiled = e
   return compiled, time.perf_counter() - start
@@ -292,6 +294,7 @@ def aot_train(config, devices, chip: str, hbm_bytes: int, peak: float, estimate:
     (epath.Path(hlo_dir) / "train_step.hlo.txt").write_text(hlo_text)
   logging.info("Compiled the train step in %.1f s%s.", compile_s,
                " (does not fit)" if oom else "")
+  logging.info("Counting model FLOPs and the compiled program's collectives (the roofline).")
   model_flops = flops.model_flops_per_step(tasks.get(config), config)
   chips = len(devices)
   rl = None if oom else roofline_estimate(config, hlo_text, mesh, chip, peak, model_flops)

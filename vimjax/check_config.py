@@ -11,6 +11,7 @@ placeholder sources, missing weight files (local paths; `gs://` ones are
 checked on the pod). Data sources are opened by the run itself (they may live
 only on the pod). Prints one JSON line; a bad config is `error: ...`, exit 1.
 """
+import json
 import math
 import shlex
 
@@ -21,7 +22,6 @@ from ml_collections import config_flags
 from vimjax import config_lib
 from vimjax import errors
 from vimjax import parallel
-from vimjax import runtime
 
 _NUM_DEVICES = flags.DEFINE_integer(
     "slice_devices", 0, "Devices of the target slice (all processes); 0 = unknown: the mesh's "
@@ -70,9 +70,10 @@ def main(argv):
     except ValueError as e:
       where = f"command {number} of {len(commands)}: " if len(commands) > 1 else ""
       raise ValueError(f"{where}{errors.one_line(e)}") from e
-  runtime.emit_result({"valid": True, "commands": len(commands), "tasks": sorted(set(tasks)),
-                       "slice_devices": _NUM_DEVICES.value,
-                       "slice_processes": _NUM_PROCESSES.value}, None, "check_config")
+  # Printed, not runtime.emit_result: that would start a jax backend (grab a GPU) here.
+  print(json.dumps({"valid": True, "commands": len(commands), "tasks": sorted(set(tasks)),
+                    "slice_devices": _NUM_DEVICES.value,
+                    "slice_processes": _NUM_PROCESSES.value}, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":

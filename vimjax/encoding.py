@@ -8,6 +8,7 @@ ArrayRecord shards plus metadata.json for stage 2.
 import itertools
 import json
 import math
+import time
 
 from absl import logging
 from etils import epath
@@ -23,6 +24,8 @@ from vimjax import parallel
 from vimjax.data import pipeline
 from vimjax.data import sources
 from vimjax.tasks import tokenizer
+
+PROGRESS_EVERY_S = 30.0  # A progress line this often (a large split encodes for hours).
 
 SHARD_GLOB = "tokens-*.array_record"
 
@@ -56,10 +59,20 @@ def _sum_over_processes(values: dict[str, int]) -> dict[str, int]:
   return dict(zip(values, np.asarray(totals).sum(0).tolist()))
 
 
-def _records(iterator, encode, params, mesh, counts):
-  """Yields {"tokens", "label", "caption"} per real example, counting them."""
+def _records(iterator, encode, params, mesh, counts, split: str, size: int):
+  """Yields {"tokens", "label", "caption"} per real example, counting them; logs
+  progress every PROGRESS_EVERY_S."""
   spec = parallel.batch_sharding(mesh).spec
+  start = last = time.perf_counter()
+  logging.info("Encoding %s: %d examples (the first batch compiles the encoder).", split, size)
   for batch in iterator:
+    now = time.perf_counter()
+    if now - last > PROGRESS_EVERY_S:
+      done = counts["examples"]
+      rate = done / (now - start)
+      logging.info("Encoding %s: %d/%d examples on this process, %.1f examples/s, ETA %.0f s.",
+                   split, done, size, rate, (size - done) / max(rate, 1e-9))
+      last = now
     images = pipeline.to_global_batch({"image": batch["image"]}, mesh)["image"]
     codes = multihost_utils.global_array_to_host_local_array(encode(params, images), mesh, spec)
     codes = np.asarray(codes, np.int32)
@@ -84,7 +97,7 @@ def encode_split(config, split: str, encode, params, mesh, output: str,
   iterator = pipeline.create_iterator(data, split=split, global_batch_size=config.global_batch_size,
                                       seed=config.seed, train=False)
   counts = {"examples": 0, "skipped": 0}
-  records = _records(iterator, encode, params, mesh, counts)
+  records = _records(iterator, encode, params, mesh, counts, split, per_process)
   written = []
   for j in range(k):
     first = next(records, None)

@@ -12,12 +12,17 @@
   of a training log: one per file of every checkpoint save) are dropped;
   orbax's warnings and errors stay. `--verbosity=1` (absl's debug level) keeps
   them all.
+- `progress(what)`: a line before a long silent call (compiling, counting
+  FLOPs), one a minute while it runs, one with its time after.
 - `create_metric_writer(logdir)`: TensorBoard only. clu's default writer also
   logs every scalar, which doubled each log step of the training loop, whose
   own line says more (loss, steps/s, MFU).
 """
+import contextlib
 import logging
 import os
+import threading
+import time
 
 from absl import logging as absl_logging
 
@@ -82,3 +87,25 @@ def config_hparams(config) -> dict:
         flat[prefix + key] = value if isinstance(value, (bool, int, float, str)) else repr(value)
   visit(config, "")
   return flat
+
+
+@contextlib.contextmanager
+def progress(what: str, every_s: float = 60.0):
+  """Logs `what` now, "... still <what>: N s" every `every_s` from a thread
+  while the block runs (e.g. a compile: one C++ call that can take minutes), and
+  "<what>: done in N s" at the end."""
+  absl_logging.info("%s...", what)
+  start, done = time.perf_counter(), threading.Event()
+
+  def beat():
+    while not done.wait(every_s):
+      absl_logging.info("... still %s: %.0f s so far.", what.lower(), time.perf_counter() - start)
+
+  thread = threading.Thread(target=beat, daemon=True, name="progress")
+  thread.start()
+  try:
+    yield
+  finally:
+    done.set()
+    thread.join()
+  absl_logging.info("%s: done in %.1f s.", what, time.perf_counter() - start)

@@ -1,8 +1,11 @@
 """Start-up and result plumbing shared by the thin absl binaries."""
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from absl import flags
 from absl import logging
@@ -95,6 +98,14 @@ def define_config_file(default: str | None = None,
       sys.argv[i] = "--config=" + configs.find(arg[len("--config="):])
   config_flags.DEFINE_config_file(
       "config", None if default is None else configs.find(default), help_string)
+
+
+def scratch_dir(prefix: str) -> str:
+  """A new temporary directory, removed with its files when the process exits
+  (the stand-in vocabulary / LPIPS files of benchmark and aot_compile)."""
+  directory = tempfile.mkdtemp(prefix=prefix)
+  atexit.register(shutil.rmtree, directory, ignore_errors=True)
+  return directory
 
 
 def define_config_from_workdir(workdir_flag: str, load) -> None:

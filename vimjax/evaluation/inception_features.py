@@ -90,6 +90,8 @@ class Extractor:
               name: str = "images") -> dict[str, np.ndarray]:
     """Concatenated features of every batch, logging progress every 10 s."""
     outputs, seen, start, last = [], 0, time.perf_counter(), time.perf_counter()
+    logging.info("Inception features of %s%s (the first batch compiles the network).", name,
+                 f": {total} images" if total else "")
     for images in batches:
       for s in range(0, len(images), self.batch_size):
         outputs.append(self(images[s:s + self.batch_size]))

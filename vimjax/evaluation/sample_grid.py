@@ -17,41 +17,42 @@ import numpy as np
 from vimjax import generate
 from vimjax import parallel
 from vimjax import tasks
-from vimjax.data import pipeline
+from vimjax.data import sources
 from vimjax.data import text
 
 NUM_SAMPLES = 8
 SEED = 0
 
 
-def _conditions(config, family, transforms):
-  """(captions, conditions): class ids [n], text ids [n, L] or None, by `family.conditioning`."""
+def _conditions(config, family):
+  """(captions, conditions): class ids [n], text ids [n, L] or None, by `family.conditioning`.
+
+  Prompts are read by index from the eval source, not through the sharded
+  pipeline, so that every process holds the same conditions.
+  """
   conditioning = family.conditioning(config)
   if conditioning == "none":
     return [f"sample {i}" for i in range(NUM_SAMPLES)], None
   if conditioning == "class":
     labels = np.arange(NUM_SAMPLES, dtype=np.int32) % config.model.num_classes
     return [f"class {label}" for label in labels], labels
-  iterator = pipeline.create_iterator(
-      config.data, split="eval", global_batch_size=max(config.global_batch_size, NUM_SAMPLES),
-      seed=config.seed, train=False, transforms=transforms)
-  batch = next(iter(iterator))
-  keep = np.flatnonzero(batch["mask"] > 0)[:NUM_SAMPLES]
-  text_ids = np.asarray(batch["text_ids"])[keep]
-  # The transform replaced the captions by their ids: captions as the model sees them.
+  source = sources.make_source(config.data.source, "eval", image_size=config.data.image_size)
+  captions = [sources.split_captions(str(source[i]["caption"]))[0]
+              for i in range(min(NUM_SAMPLES, len(source)))]
   tokenizer = text.TextTokenizer(config.data.text_tokenizer, config.model.max_text_length)
-  return tokenizer.decode(text_ids), text_ids
+  text_ids, _ = tokenizer.encode(captions)
+  return captions, np.asarray(text_ids, np.int32)
 
 
 class Sampler:
   """Draws the grid's images from a train state: `sampler(state) -> [n, H, W, 3] in [0, 1]`."""
 
-  def __init__(self, config, mesh, steps, family):
+  def __init__(self, config, mesh, family):
     self._config = config
     rules = parallel.rules_from_config(config.mesh)
     _, self._tok_model, self._tok_params = generate.load_tokenizer(
         config.tokenizer_workdir, mesh, rules)
-    self.captions, condition = _conditions(config, family, steps.data_transforms)
+    self.captions, condition = _conditions(config, family)
     dp = parallel.data_parallel_size(mesh)
     self._padded = -(-len(self.captions) // dp) * dp  # Whole rows for every data shard.
     self._condition = None if condition is None else jax.device_put(
@@ -70,7 +71,7 @@ class Sampler:
     return np.clip(images[:len(self.captions)].astype(np.float32), 0.0, 1.0)
 
 
-def make_sampler(config, mesh, steps) -> Sampler | None:
+def make_sampler(config, mesh) -> Sampler | None:
   """The grid sampler of a run whose task samples image tokens, or None (other tasks;
   no tokenizer to decode with: said once in the log)."""
   family = tasks.get(config)
@@ -82,4 +83,4 @@ def make_sampler(config, mesh, steps) -> Sampler | None:
                     "to decode samples with (set --config.tokenizer_workdir to see them in "
                     "TensorBoard).", workdir)
     return None
-  return Sampler(config, mesh, steps, family)
+  return Sampler(config, mesh, family)

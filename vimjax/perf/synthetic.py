@@ -9,12 +9,12 @@ loss.perceptual_weights is missing (only shapes matter to the compiler and
 to timing).
 """
 import os
-import tempfile
 
 from absl import logging
 import numpy as np
 
 from vimjax import config_lib
+from vimjax import runtime
 from vimjax import tasks
 from vimjax.data import shapes
 from vimjax.data import text
@@ -28,7 +28,7 @@ def ensure_text_tokenizer(config) -> None:
   path = config.data.text_tokenizer
   if "<dir>" not in path and ("://" in path or os.path.exists(path)):
     return
-  directory = tempfile.mkdtemp(prefix="vimjax_synthetic_spm_")
+  directory = runtime.scratch_dir(prefix="vimjax_synthetic_spm_")
   captions = (shapes.caption_from_scene(shapes.sample_scene("train", i)) for i in range(2000))
   trained = text.train_sentencepiece(captions, os.path.join(directory, "spm"),
                                      min(config.model.text_vocab_size, 512))
@@ -43,7 +43,7 @@ def ensure_lpips_weights(config) -> None:
   path = config.loss.perceptual_weights
   if path and ("://" in path or os.path.exists(path)):
     return
-  out = os.path.join(tempfile.mkdtemp(prefix="vimjax_synthetic_lpips_"), "lpips.npz")
+  out = os.path.join(runtime.scratch_dir(prefix="vimjax_synthetic_lpips_"), "lpips.npz")
   np.savez(out, **{k: np.zeros(s, np.float32)
                    for k, s in perceptual.expected_param_shapes().items()})
   logging.info("loss.perceptual_weights=%r does not exist; zeros of the same shapes stand in "

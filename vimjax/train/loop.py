@@ -230,12 +230,10 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
   step_fn = jit_train_step(task, state_sh, mesh)
   eval_fn = jit_eval_step(task, state_sh, mesh)
   fid_extractor = generative.make_extractor(config, mesh) if generative.enabled(config) else None
-  grid_sampler = sample_grid.make_sampler(config, mesh, task)  # None unless VIM / Parti.
+  grid_sampler = sample_grid.make_sampler(config, mesh)  # None unless VIM / Parti.
   batch, skipped = _device_batch(next(train_iter), mesh)
-  logging.info("Compiling the train step (a minute on CPU for tiny configs, more for large ones).")
-  compile_start = time.perf_counter()
-  compiled = step_fn.lower(state, batch, step_rng, task.frozen).compile()
-  logging.info("Compiled the train step in %.1f s.", time.perf_counter() - compile_start)
+  with log_setup.progress("Compiling the train step"):
+    compiled = step_fn.lower(state, batch, step_rng, task.frozen).compile()
   compiled_flops = flops.compiled_flops(compiled)
   memory = compiled.memory_analysis()
   logging.info("Compiled train step: %.3g FLOPs/device/step (XLA's count of the compiled "
