@@ -23,7 +23,8 @@ def fake_gcs(tmp_path, monkeypatch):
   with epath_testing.mock_epath(
       open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one, remove=one,
       rmtree=one, stat=one, copy=two, rename=two, replace=two,
-      glob=lambda fn, pattern: [remote(p) for p in fn(local(pattern))]):
+      glob=lambda fn, pattern: [remote(p) for p in fn(local(pattern))],
+      walk=lambda fn, top, **k: ((remote(d), ds, fs) for d, ds, fs in fn(local(top), **k))):
     yield store
 
 
@@ -73,3 +74,18 @@ def test_tokens_metadata_on_gs_is_checked_against_the_config(fake_gcs):
   with pytest.raises(ValueError, match=r"model.grid_size=\d+ does not match the tokens in "
                                        r"gs://bucket/tok \(grid_size=5 in metadata.json\)"):
     config_lib._validate_stage2(config)  # pylint: disable=protected-access
+
+
+def test_image_folder_on_gs(fake_gcs):
+  for name, text in (("cat/b.png", "a cat"), ("cat/a.png", None), ("dog/c.png", None),
+                     ("top.png", None)):
+    path = fake_gcs / "bucket/imgs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"png-" + name.encode())
+    if text:
+      path.with_suffix(".txt").write_text(text)
+  src = sources.FolderSource("gs://bucket/imgs")
+  assert src.files == ["gs://bucket/imgs/top.png", "gs://bucket/imgs/cat/a.png",
+                       "gs://bucket/imgs/cat/b.png", "gs://bucket/imgs/dog/c.png"]
+  assert src.classes == ["", "cat", "dog"] and list(src.labels) == [0, 1, 1, 2]
+  assert src[2]["image"] == b"png-cat/b.png" and src[2]["caption"] == "a cat"
