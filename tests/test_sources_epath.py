@@ -73,7 +73,8 @@ def test_tokens_metadata_on_gs_is_checked_against_the_config(fake_gcs):
     config.data.source = "array_record:gs://bucket/tok/tokens-{split}-*.array_record"
   with pytest.raises(ValueError, match=r"model.grid_size=\d+ does not match the tokens in "
                                        r"gs://bucket/tok \(grid_size=5 in metadata.json\)"):
-    config_lib._validate_stage2(config)  # pylint: disable=protected-access
+    config_lib.check_tokens_metadata(config)
+  config_lib.check_tokens_metadata(config, remote=False)  # Offline validation: not read.
 
 
 def test_image_folder_on_gs(fake_gcs):

@@ -177,16 +177,9 @@ def _validate_stage2(config) -> None:
                      "'array_record:OUT/tokens-{split}-*.array_record'.")
   if "cfg_dropout" in config.model and not 0.0 <= config.model.cfg_dropout <= 1.0:
     raise ValueError(f"model.cfg_dropout={config.model.cfg_dropout} must be in [0, 1].")
-  kind, _, pattern = source.partition(":")
-  directory = os.path.dirname(pattern)
-  metadata = epath.Path(directory) / "metadata.json"  # Local or gs://.
-  if kind == "array_record" and "{split}" not in directory and metadata.exists():
-    written = json.loads(metadata.read_text())
-    for key in ("grid_size", "codebook_size"):
-      if written[key] != config.model[key]:
-        raise ValueError(f"model.{key}={config.model[key]} does not match the tokens in "
-                         f"{directory} ({key}={written[key]} in metadata.json); set "
-                         f"--config.model.{key}={written[key]}.")
+  # Local metadata only: validation also runs offline (launch scripts); a gs://
+  # one is checked when the run opens its data (train/preflight.py).
+  check_tokens_metadata(config, remote=False)
   if "text_tokenizer" in config.data:  # Parti and the contrastive reranker read captions.
     path = config.data.text_tokenizer
     if "<dir>" in path or ("://" not in path and not os.path.exists(path)):
@@ -195,3 +188,25 @@ def _validate_stage2(config) -> None:
     if vocab > config.model.text_vocab_size:
       raise ValueError(f"data.text_tokenizer={path!r} has {vocab} pieces, more than "
                        f"model.text_vocab_size={config.model.text_vocab_size}.")
+
+
+def check_tokens_metadata(config, remote: bool = True) -> None:
+  """model.grid_size / codebook_size against `encode`'s metadata.json beside the shards.
+
+  Reads it through epath (local or, with `remote`, gs://); no metadata.json, or a
+  `{split}` in the shards' folder, is not checked.
+  """
+  kind, _, pattern = config.data.source.partition(":")
+  directory = os.path.dirname(pattern)
+  if (kind != "array_record" or "{split}" in directory or "grid_size" not in config.model
+      or (not remote and "://" in directory)):
+    return
+  metadata = epath.Path(directory) / "metadata.json"
+  if not metadata.exists():
+    return
+  written = json.loads(metadata.read_text())
+  for key in ("grid_size", "codebook_size"):
+    if written[key] != config.model[key]:
+      raise ValueError(f"model.{key}={config.model[key]} does not match the tokens in "
+                       f"{directory} ({key}={written[key]} in metadata.json); set "
+                       f"--config.model.{key}={written[key]}.")

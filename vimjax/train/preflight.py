@@ -10,6 +10,7 @@ from absl import logging
 from etils import epath
 
 from vimjax import checkpoint
+from vimjax import config_lib
 from vimjax.data import sources
 
 
@@ -19,6 +20,7 @@ def check_sources(config) -> None:
   for split, num in (("train", data.num_train_examples), ("eval", data.num_eval_examples)):
     sources.make_source(data.source, split, image_size=data.image_size,
                         num_examples=int(num) or None)
+  config_lib.check_tokens_metadata(config)  # gs:// too, unlike offline validation.
 
 
 def finished_result(workdir: str, config) -> dict | None:
