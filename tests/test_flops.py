@@ -25,7 +25,8 @@ def _vim_config(source: str, **model):
   return config
 
 
-def test_loop_reports_model_flops_of_a_scanned_config(tmp_path):
+def test_loop_reports_model_flops_of_a_scanned_config_and_a_restart_lowers_nothing(
+    tmp_path, monkeypatch):
   for split in ("train", "eval"):
     sources.write_array_record(
         str(tmp_path / f"tokens-{split}-00000-of-00001.array_record"),
@@ -42,27 +43,15 @@ def test_loop_reports_model_flops_of_a_scanned_config(tmp_path):
   assert result["flops_per_step_per_device"] * 8 == analytic
   # XLA's count of the compiled, scanned program sees the 3-layer body once.
   assert result["compiled_flops_per_device"] * 8 < 0.8 * analytic
-
-
-def test_a_restart_reads_the_flops_count_and_lowers_nothing(tmp_path, monkeypatch):
-  for split in ("train", "eval"):
-    sources.write_array_record(
-        str(tmp_path / f"tokens-{split}-00000-of-00001.array_record"),
-        ({"tokens": (np.arange(GRID * GRID) + i) % VOCAB, "label": np.int32(i % 2)}
-         for i in range(16)))
-  config = _vim_config(f"array_record:{tmp_path}/tokens-{{split}}-*.array_record",
-                       scan_layers=True)
-  first = loop.train_and_evaluate(config, str(tmp_path / "work"))
   assert (tmp_path / "work" / flops_cache.CACHE_FILE).exists()
 
   def lower(*args, **kwargs):
     raise AssertionError("a restart lowered the unrolled step again")
   monkeypatch.setattr(flops, "model_flops_per_step", lower)
-  with config.unlocked():
-    config.total_steps = 2  # Resumes from step 1.
-  second = loop.train_and_evaluate(config, str(tmp_path / "work"))
-  assert second["step"] == 2 and second["flops_per_step"] == first["flops_per_step"] > 0
-  assert second["mfu"] > 0
+  with scanned.unlocked():
+    scanned.total_steps = 2  # Resumes from step 1, reading WORKDIR/model_flops.json.
+  resumed = loop.train_and_evaluate(scanned, str(tmp_path / "work"))
+  assert resumed["step"] == 2 and resumed["flops_per_step"] == analytic and resumed["mfu"] > 0
 
 
 def test_batch_specs_match_the_synthetic_batches():

@@ -4,9 +4,8 @@ from etils.epath import testing as epath_testing
 import numpy as np
 import pytest
 
-from configs import vim as vim_config
-from vimjax import config_lib
-from vimjax import encode
+from vimjax.configs import vim as vim_config
+from vimjax import encoding
 from vimjax.data import sources
 
 
@@ -23,7 +22,8 @@ def fake_gcs(tmp_path, monkeypatch):
   with epath_testing.mock_epath(
       open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one, remove=one,
       rmtree=one, stat=one, copy=two, rename=two, replace=two,
-      glob=lambda fn, pattern: [remote(p) for p in fn(local(pattern))]):
+      glob=lambda fn, pattern: [remote(p) for p in fn(local(pattern))],
+      walk=lambda fn, top, **k: ((remote(d), ds, fs) for d, ds, fs in fn(local(top), **k))):
     yield store
 
 
@@ -59,8 +59,8 @@ def test_encode_output_is_refused_and_cleared_on_gs(fake_gcs):
   out = "gs://bucket/tok"
   sources.write_array_record(f"{out}/tokens-eval-00000-of-00001.array_record", _records(1))
   with pytest.raises(ValueError, match=r"--output='gs://bucket/tok' already holds 1 token shards"):
-    encode._prepare_output(out, overwrite=False)
-  encode._prepare_output(out, overwrite=True)
+    encoding._prepare_output(out, overwrite=False)
+  encoding._prepare_output(out, overwrite=True)
   assert sources.glob_paths(f"{out}/tokens-*.array_record") == []
 
 
@@ -72,4 +72,20 @@ def test_tokens_metadata_on_gs_is_checked_against_the_config(fake_gcs):
     config.data.source = "array_record:gs://bucket/tok/tokens-{split}-*.array_record"
   with pytest.raises(ValueError, match=r"model.grid_size=\d+ does not match the tokens in "
                                        r"gs://bucket/tok \(grid_size=5 in metadata.json\)"):
-    config_lib._validate_stage2(config)  # pylint: disable=protected-access
+    sources.check_tokens_metadata(config)
+  sources.check_tokens_metadata(config, remote=False)  # Offline validation: not read.
+
+
+def test_image_folder_on_gs(fake_gcs):
+  for name, text in (("cat/b.png", "a cat"), ("cat/a.png", None), ("dog/c.png", None),
+                     ("top.png", None)):
+    path = fake_gcs / "bucket/imgs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"png-" + name.encode())
+    if text:
+      path.with_suffix(".txt").write_text(text)
+  src = sources.FolderSource("gs://bucket/imgs")
+  assert src.files == ["gs://bucket/imgs/top.png", "gs://bucket/imgs/cat/a.png",
+                       "gs://bucket/imgs/cat/b.png", "gs://bucket/imgs/dog/c.png"]
+  assert src.classes == ["", "cat", "dog"] and list(src.labels) == [0, 1, 1, 2]
+  assert src[2]["image"] == b"png-cat/b.png" and src[2]["caption"] == "a cat"

@@ -5,7 +5,7 @@ Specs:
   tfds:NAME[:SPLIT]    a prepared TFDS dataset read with `tfds.data_source`
                        (ArrayRecord, random access; never downloads — run
                        `tfds build NAME --file_format=array_record` first).
-  folder:PATH          images under PATH (recursive; .jpg .jpeg .png .webp).
+  folder:PATH          images under PATH, local or gs:// (recursive; .jpg .jpeg .png .webp).
   array_record:GLOB    ArrayRecord files of `encode_record` dicts (local or gs://).
 
 `PATH` and `GLOB` may contain `{split}`, replaced by the requested split name
@@ -30,6 +30,7 @@ arrays keep dtype and shape, `str` stays str and `bytes` stays bytes. The
 stage-2 `encode` binary writes e.g. {"tokens": int32 [L], "label": int32 [],
 "caption": str} with `write_array_record`.
 """
+import json
 import os
 import re
 import tempfile
@@ -98,6 +99,15 @@ def _write_local(array_record_module, path: str, records) -> int:
   return count
 
 
+def _walk(root: str):
+  """(dirpath str, dirnames, filenames) under `root`: os.walk (following links) or epath's."""
+  if "://" not in root:
+    yield from os.walk(root, followlinks=True)
+  else:
+    for dirpath, dirnames, filenames in epath.Path(root).walk():
+      yield str(dirpath).rstrip("/"), dirnames, filenames
+
+
 def glob_paths(pattern: str) -> list[str]:
   """Sorted paths matching a glob `pattern`, local or any epath filesystem (gs://).
 
@@ -152,31 +162,30 @@ def split_captions(caption: str) -> list[str]:
 
 
 class FolderSource:
-  """Images under a directory; class = first sub-folder below `root`.
+  """Images under a directory, local or gs://; class = first sub-folder below `root`.
 
   Classes are the sorted names of those sub-folders ("" for files directly in
   `root`). The caption is the text of a same-named `.txt` file, else "".
   """
 
   def __init__(self, root: str):
-    if not os.path.isdir(root):
+    if not epath.Path(root).is_dir():
       raise ValueError(f"folder source {root!r} is not a directory.")
-    self.root = root
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-      dirnames.sort()
-      files.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    self.root = root.rstrip("/") or "/"
+    files = [(tuple(dirpath[len(self.root):].split("/")), name)
+             for dirpath, _, filenames in _walk(self.root) for name in filenames
+             if name.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
       raise ValueError(f"folder source {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
-    self.files = files
-    top = [self._class_of(f) for f in files]
+    # Sorted as a top-down walk with sorted folders: a folder's files, then its sub-folders.
+    self.files = [f"{self.root}{'/'.join(parts)}/{name}" for parts, name in sorted(files)]
+    top = [self._class_of(f) for f in self.files]
     self.classes = sorted(set(top))
     index = {c: i for i, c in enumerate(self.classes)}
     self.labels = np.array([index[c] for c in top], np.int32)
 
   def _class_of(self, path: str) -> str:
-    parts = os.path.relpath(path, self.root).split(os.sep)
+    parts = path[len(self.root):].lstrip("/").split("/")
     return parts[0] if len(parts) > 1 else ""
 
   def __len__(self) -> int:
@@ -185,16 +194,14 @@ class FolderSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     path = self.files[index]
     try:
-      with open(path, "rb") as f:
-        image = f.read()
+      image = epath.Path(path).read_bytes()
     except OSError as e:  # Counted as a corrupt image by the pipeline.
       logging.warning("Cannot read %s: %s", path, e)
       image = b""
     caption = ""
-    txt = os.path.splitext(path)[0] + ".txt"
-    if os.path.exists(txt):
-      with open(txt, encoding="utf-8", errors="replace") as f:
-        caption = f.read().strip()
+    txt = epath.Path(os.path.splitext(path)[0] + ".txt")
+    if txt.exists():
+      caption = txt.read_bytes().decode("utf-8", errors="replace").strip()
     return {"image": image, "label": self.labels[index], "caption": caption, "path": path}
 
   def __repr__(self) -> str:
@@ -302,3 +309,24 @@ def make_source(spec: str, split: str, *, image_size: int,
                     source, len(source), num_examples)
   return source
 
+
+def check_tokens_metadata(config, remote: bool = True) -> None:
+  """model.grid_size / codebook_size against `encode`'s metadata.json beside the shards.
+
+  Reads it through epath (local or, with `remote`, gs://); no metadata.json, or a
+  `{split}` in the shards' folder, is not checked.
+  """
+  kind, _, pattern = config.data.source.partition(":")
+  directory = os.path.dirname(pattern)
+  if (kind != "array_record" or "{split}" in directory or "grid_size" not in config.model
+      or (not remote and "://" in directory)):
+    return
+  metadata = epath.Path(directory) / "metadata.json"
+  if not metadata.exists():
+    return
+  written = json.loads(metadata.read_text())
+  for key in ("grid_size", "codebook_size"):
+    if written[key] != config.model[key]:
+      raise ValueError(f"model.{key}={config.model[key]} does not match the tokens in "
+                       f"{directory} ({key}={written[key]} in metadata.json); set "
+                       f"--config.model.{key}={written[key]}.")

@@ -5,13 +5,11 @@ captions turned into `text_ids` int32 [b, max_text_length] and `text_truncated`
 int32 [b] by `text.TokenizeCaptions`; every batch has `mask` int32 [b]. Here:
 their specs, synthetic values and the config checks of their sources.
 """
-import json
-import os
 
-from etils import epath
 import jax
 import numpy as np
 
+from vimjax.data import sources
 from vimjax.data import text
 from vimjax.tasks import base
 
@@ -58,16 +56,9 @@ def validate_token_source(config) -> None:
     raise ValueError(f"data.source={source!r} is a placeholder; point it at the shards of "
                      "`python -m vimjax.encode`, e.g. "
                      "'array_record:OUT/tokens-{split}-*.array_record'.")
-  kind, _, pattern = source.partition(":")
-  directory = os.path.dirname(pattern)
-  metadata = epath.Path(directory) / "metadata.json"  # Local or gs://.
-  if kind == "array_record" and "{split}" not in directory and metadata.exists():
-    written = json.loads(metadata.read_text())
-    for key in ("grid_size", "codebook_size"):
-      if written[key] != config.model[key]:
-        raise ValueError(f"model.{key}={config.model[key]} does not match the tokens in "
-                         f"{directory} ({key}={written[key]} in metadata.json); set "
-                         f"--config.model.{key}={written[key]}.")
+  # Local metadata only: validation also runs offline (launch scripts); a gs://
+  # one is checked when the run opens its data (train/preflight.py).
+  sources.check_tokens_metadata(config, remote=False)
 
 
 def validate_text_tokenizer(config) -> None:

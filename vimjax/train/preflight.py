@@ -19,6 +19,7 @@ def check_sources(config) -> None:
   for split, num in (("train", data.num_train_examples), ("eval", data.num_eval_examples)):
     sources.make_source(data.source, split, image_size=data.image_size,
                         num_examples=int(num) or None)
+  sources.check_tokens_metadata(config)  # gs:// too, unlike offline validation.
 
 
 def finished_result(workdir: str, config) -> dict | None:
