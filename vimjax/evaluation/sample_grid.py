@@ -9,11 +9,11 @@ decodes the tokens. The loop writes the captioned grid as
 `samples_STEP.png` in the workdir and as `eval/samples` in TensorBoard.
 """
 from absl import logging
-from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from vimjax import checkpoint
 from vimjax import parallel
 from vimjax import sampling
 from vimjax.data import sources
@@ -83,11 +83,20 @@ def make_sampler(config, mesh) -> Sampler | None:
   decode with: said once in the log)."""
   if config.task not in STAGE2:
     return None
+  # pylint: disable=g-import-not-at-top (tasks import the loop)
+  from vimjax.train import tasks
+  from vimjax.train import tokenizer as tokenizer_task
   workdir = config.tokenizer_workdir
-  if not workdir or not (epath.Path(workdir) / "config.json").exists():
-    logging.warning("No sample grids during training: tokenizer_workdir=%r holds no tokenizer "
-                    "to decode samples with (set --config.tokenizer_workdir to see them in "
-                    "TensorBoard).", workdir)
+  try:
+    tok = checkpoint.load_workdir_config(workdir, "tokenizer_workdir")
+    grid, codes = tok.data.image_size // tok.model.patch_size, tokenizer_task.num_codes(tok)
+    if (grid, codes) != (config.model.grid_size, config.model.codebook_size):
+      raise ValueError(f"its tokens are {grid}x{grid} of {codes} codes, the model's "
+                       f"{config.model.grid_size}x{config.model.grid_size} of "
+                       f"{config.model.codebook_size}")
+    return Sampler(config, mesh, tasks.TASKS[config.task].build_model(config))
+  except (ValueError, KeyError, AttributeError) as e:  # A preview must not stop training.
+    logging.warning("No sample grids during training: tokenizer_workdir=%r cannot decode this "
+                    "model's samples (%s); set --config.tokenizer_workdir to see them in "
+                    "TensorBoard.", workdir, str(e).splitlines()[0] if str(e) else type(e))
     return None
-  from vimjax.train import tasks  # pylint: disable=g-import-not-at-top (tasks import the loop)
-  return Sampler(config, mesh, tasks.TASKS[config.task].build_model(config))
