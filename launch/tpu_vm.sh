@@ -32,7 +32,7 @@
 # --config=, --config.KEY=, --workdir=, --debug, or come after `--`; with
 # --module other than vimjax.train, unknown --flags go to that module):
 #   --project=ID            GCP project (default: gcloud's configured one)
-#   --zone=ZONE             e.g. us-central2-b (required)
+#   --zone=ZONE             e.g. us-central2-b (required, except by `check`)
 #   --accelerator_type=T    e.g. v4-8, v4-32, v5litepod-16, v6e-8 (default v4-8)
 #   --version=V             TPU VM runtime (default tpu-ubuntu2204-base, for v4;
 #                           v5e: v2-alpha-tpuv5-lite, v5p: v2-alpha-tpuv5, v6e: v2-alpha-tpuv6e)

@@ -194,6 +194,7 @@ def test_a_misplaced_or_misspelt_option_is_refused(fakes, script, args):
   assert calls == []
 
 
+@pytest.mark.slow  # Starts Pythons that import jax (the config checks).
 def test_bad_config_fails_here_before_anything_is_created(fakes, tmp_path):
   log_dir = tmp_path / "logs"
   proc, calls = fakes("slurm_gpu.sh", f"--log_dir={log_dir}", f"--python={fakes.python}",
@@ -217,6 +218,7 @@ def test_bad_config_fails_here_before_anything_is_created(fakes, tmp_path):
   assert [c for c in calls if "vimjax.train" in c] == []
 
 
+@pytest.mark.slow  # Starts Pythons that import jax (the config checks).
 def test_array_file_lines_are_each_checked(fakes, tmp_path):
   args_file = tmp_path / "trials.args"
   args_file.write_text(shlex.join(VALID) + "\n" + shlex.join(INVALID) + "\n")
@@ -260,6 +262,7 @@ def _readme_launch_examples() -> list[list[str]]:
   return commands
 
 
+@pytest.mark.slow  # Starts Pythons that import jax (the config checks).
 def test_readme_pod_examples_pass_the_config_check(tmp_path):
   """Each README launch example, as written, passes the scripts' local config check
   (its files under /shared/runs made here: the SentencePiece model)."""

@@ -9,16 +9,17 @@ decodes the tokens. The loop writes the captioned grid as
 `samples_STEP.png` in the workdir and as `eval/samples` in TensorBoard.
 """
 from absl import logging
-from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from vimjax import checkpoint
 from vimjax import generate
 from vimjax import parallel
 from vimjax import tasks
 from vimjax.data import sources
 from vimjax.data import text
+from vimjax.tasks import tokenizer as tokenizer_task
 
 NUM_SAMPLES = 8
 SEED = 0
@@ -73,14 +74,21 @@ class Sampler:
 
 def make_sampler(config, mesh) -> Sampler | None:
   """The grid sampler of a run whose task samples image tokens, or None (other tasks;
-  no tokenizer to decode with: said once in the log)."""
+  no tokenizer that can decode its tokens: said once in the log)."""
   family = tasks.get(config)
   if family.make_sampler is None:
     return None
   workdir = config.tokenizer_workdir
-  if not workdir or not (epath.Path(workdir) / "config.json").exists():
-    logging.warning("No sample grids during training: tokenizer_workdir=%r holds no tokenizer "
-                    "to decode samples with (set --config.tokenizer_workdir to see them in "
-                    "TensorBoard).", workdir)
+  try:
+    tok = checkpoint.load_workdir_config(workdir, "tokenizer_workdir")
+    grid, codes = tok.data.image_size // tok.model.patch_size, tokenizer_task.num_codes(tok)
+    if (grid, codes) != (config.model.grid_size, config.model.codebook_size):
+      raise ValueError(f"its tokens are {grid}x{grid} of {codes} codes, the model's "
+                       f"{config.model.grid_size}x{config.model.grid_size} of "
+                       f"{config.model.codebook_size}")
+    return Sampler(config, mesh, family)
+  except (ValueError, KeyError, AttributeError) as e:  # A preview must not stop training.
+    logging.warning("No sample grids during training: tokenizer_workdir=%r cannot decode this "
+                    "model's samples (%s); set --config.tokenizer_workdir to see them in "
+                    "TensorBoard.", workdir, str(e).splitlines()[0] if str(e) else type(e))
     return None
-  return Sampler(config, mesh, family)
