@@ -28,7 +28,7 @@ MEMORY_FIELDS = ("argument_bytes", "output_bytes", "code_bytes", "total_bytes")
 
 def _one_layer(config, **overrides):
   layers = {f"model.{key}": 1 for key in tasks.get(config).LAYER_KEYS}
-  return config_lib.override(config, **layers, **overrides)
+  return config_lib.override(config, **{**layers, **overrides})
 
 
 def _check_fits(out: dict):
