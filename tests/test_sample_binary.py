@@ -230,3 +230,14 @@ def test_training_writes_sample_grids_and_hparams(workdirs):
         tags |= {(v.tag, v.metadata.plugin_data.plugin_name) for v in event.summary.value}
     assert ("eval/samples", "images") in tags, (name, tags)
     assert ("_hparams_/session_start_info", "hparams") in tags, (name, tags)
+
+
+def test_no_sample_grids_when_the_tokenizer_cannot_decode(workdirs, caplog):
+  from vimjax.evaluation import sample_grid  # pylint: disable=g-import-not-at-top
+  config = _set(vim_config.get_config("tiny"), **{**workdirs["stage2"], "model.num_layers": 1,
+                                                 "model.grid_size": GRID * 2})
+  mesh = parallel.create_mesh(config.mesh)
+  caplog.set_level("WARNING")
+  assert sample_grid.make_sampler(config, mesh) is None
+  assert f"its tokens are {GRID}x{GRID} of {CODES} codes" in caplog.text
+  assert sample_grid.make_sampler(_set(config, **{"tokenizer_workdir": ""}), mesh) is None

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = """
 import json, os
@@ -21,6 +23,7 @@ print(json.dumps({"paths": paths, "exist": [os.path.exists(x) for x in paths]}))
 """
 
 
+@pytest.mark.slow  # A Python subprocess that imports the binaries (~7 s CPU).
 def test_stand_in_files_are_removed_at_exit(tmp_path):
   scratch = tmp_path / "tmp"
   scratch.mkdir()
