@@ -188,6 +188,8 @@ def test_convert_binary_main(tmp_path, monkeypatch, capsys):
   vgg, lp = _torch_states(9)
   monkeypatch.setattr(convert_weights, "_load_torch",
                       lambda path: vgg if path == "vgg.pth" else lp)
+  if "torchvision_vgg16" not in flags.FLAGS:  # Defined only when run as a program.
+    convert_weights._define_flags()  # pylint: disable=protected-access
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   out = str(tmp_path / "converted")  # np.savez appends .npz; the binary reports it.
