@@ -7,7 +7,9 @@ samples for held-out prompts, `--num_candidates` per prompt reranked by the
 dual encoder as Parti does (`samples.png`, the prompts as captions), scored by
 the shapes dataset's analytic checker, against the same samples scored on
 shuffled prompts. Final line: one JSON object with psnr, codebook_usage,
-bits_per_token, prompt_adherence, shuffled_adherence (all-or-nothing: exactly
+reconstruction_accuracy (the checker, kind included, on the tokenizer's
+reconstructions of held-out images; reconstruction_accuracy_ceiling on the
+originals), bits_per_token, prompt_adherence, shuffled_adherence (all-or-nothing: exactly
 the prompt's cells occupied in the prompt's colours), shape_recall,
 shuffled_shape_recall (partial credit per prompt shape) and, when reranking,
 prompt_adherence_without_rerank (all the candidates: same seed, same model)
