@@ -7,7 +7,9 @@ samples for held-out prompts, `--num_candidates` per prompt reranked by the
 dual encoder as Parti does (`samples.png`, the prompts as captions), scored by
 the shapes dataset's analytic checker, against the same samples scored on
 shuffled prompts. Final line: one JSON object with psnr, codebook_usage,
-bits_per_token, prompt_adherence, shuffled_adherence (all-or-nothing: exactly
+reconstruction_accuracy (the checker, kind included, on the tokenizer's
+reconstructions of held-out images; reconstruction_accuracy_ceiling on the
+originals), bits_per_token, prompt_adherence, shuffled_adherence (all-or-nothing: exactly
 the prompt's cells occupied in the prompt's colours), shape_recall,
 shuffled_shape_recall (partial credit per prompt shape) and, when reranking,
 prompt_adherence_without_rerank (all the candidates: same seed, same model)
@@ -23,11 +25,15 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+import flax.linen as nn
+import jax
 import numpy as np
 
+from vimjax import checkpoint
 from vimjax import encoding
 from vimjax import errors
 from vimjax import generate
+from vimjax import parallel
 from vimjax import runtime
 from vimjax import tasks
 from vimjax.configs import contrastive as contrastive_configs
@@ -35,6 +41,7 @@ from vimjax.configs import parti as parti_configs
 from vimjax.configs import vitvqgan
 from vimjax.data import shapes
 from vimjax.data import vocab
+from vimjax.evaluation import reconstruction
 from vimjax.train import loop
 
 def _define_flags():
@@ -53,6 +60,7 @@ def _define_flags():
 
 
 NUM_ENCODED = {"train": 10_000, "eval": 512}  # Shapes examples turned into tokens.
+NUM_RECONSTRUCTED = 512  # Held-out images the checker reads after the tokenizer.
 # Reranking pays on shapes (BUILD_NOTES.md, "Reranking"): candidates per prompt.
 NUM_CANDIDATES = 8
 
@@ -64,17 +72,33 @@ def derangement(n: int, seed: int = 0) -> np.ndarray:
 
 def prompt_scores(images: np.ndarray, scenes: list[dict], seed: int = 0) -> dict[str, float]:
   """Adherence (all-or-nothing: exactly the prompt's cells occupied, each in the
-  prompt's colour) and shape recall (partial credit per shape), for the prompts
-  and for a derangement of them (the same images against other prompts)."""
+  prompt's colour; `_with_kind`: and of the prompt's kind) and shape recall
+  (partial credit per shape), for the prompts and for a derangement of them
+  (the same images against other prompts)."""
   n = len(scenes)
   scores = {}
   for prefix, order in (("", np.arange(n)), ("shuffled_", derangement(n, seed))):
     stacked = shapes.stack_scenes([scenes[i] for i in order])
     scores[prefix + "adherence"] = float(np.mean(
         shapes.adherence(images, stacked, check_kind=False)))
+    scores[prefix + "adherence_with_kind"] = float(np.mean(shapes.adherence(images, stacked)))
     scores[prefix + "shape_recall"] = float(np.mean(shapes.shape_recall(images, stacked)))
   scores["prompt_adherence"] = scores.pop("adherence")
+  scores["prompt_adherence_with_kind"] = scores.pop("adherence_with_kind")
   return scores
+
+
+def reconstruction_scores(tokenizer_workdir: str, num_images: int = NUM_RECONSTRUCTED) -> dict:
+  """The shapes checker (kind, colour, position) on the tokenizer's reconstructions
+  of held-out images, with its accuracy on the originals as the ceiling."""
+  tok_config = checkpoint.load_workdir_config(tokenizer_workdir, "--tokenizer_workdir")
+  mesh = parallel.create_mesh(tok_config.mesh)
+  rules = parallel.rules_from_config(tok_config.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    tok_config, model, params = generate.load_tokenizer(tokenizer_workdir, mesh, rules)
+    images, scenes = reconstruction.held_out_shapes(tok_config.data.image_size, num_images)
+    recons = reconstruction.reconstruct(model, params, images)
+  return reconstruction.shapes_scores(images, recons, scenes)
 
 
 def held_out_prompts(num: int) -> list[str]:
@@ -130,6 +154,7 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
     tok_config.total_steps = tokenizer_steps
   tok_train = loop.train_and_evaluate(tok_config, tok_dir)
   tok_eval = loop.evaluate_workdir(tok_config, tok_dir)
+  tok_eval.update(reconstruction_scores(tok_dir))
 
   logging.info("[2/5] Encoding shapes to token ids.")
   for split, n in NUM_ENCODED.items():
@@ -184,6 +209,7 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
   return {
       "psnr": tok_eval["psnr"], "ssim": tok_eval["ssim"],
       "codebook_usage": tok_eval["codebook_usage"], "perplexity": tok_eval["perplexity"],
+      **{k: v for k, v in tok_eval.items() if k.startswith("reconstruction_")},
       "bits_per_token": stage2_eval["bits_per_token"], **scores,
       "tokenizer_steps_per_sec": tok_train.get("steps_per_sec"),
       "tokenizer_mfu": tok_train.get("mfu"),

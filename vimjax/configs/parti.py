@@ -44,11 +44,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "parti"
   c.seed = 0
-  c.total_steps = 500 if tiny else 450_000
+  c.total_steps = 1000 if tiny else 450_000
   c.global_batch_size = 32 if tiny else 8192
   c.log_every_steps = 50 if tiny else 100
-  c.checkpoint_every_steps = 300 if tiny else 5_000
-  c.eval_every_steps = 300 if tiny else 10_000
+  c.checkpoint_every_steps = 500 if tiny else 5_000
+  c.eval_every_steps = 1000 if tiny else 10_000
   c.keep_checkpoints = 3
   # Divergence guard (README "Failure modes"): False stops at a NaN/inf loss or
   # gradient norm, True drops that update and counts it; a checkpoint whose loss
@@ -112,9 +112,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # Paper: classifier-free guidance scale 1.2; 16 samples per prompt (reranked).
   c.sampling = ml_collections.ConfigDict(dict(
       # Tiny (shapes): guidance and a cooler top-k cut the stray blobs of an
-      # undertrained model (shape recall 0.17 -> 0.31 at 300 steps).
+      # undertrained model (shape recall 0.17 -> 0.31 at 300 steps). At 1000
+      # steps guidance 3 oversaturates (extra cells): 2 doubles strict adherence
+      # (BUILD_NOTES.md "Demo recipe").
       temperature=0.7 if tiny else 1.0, top_k=32 if tiny else 0, top_p=1.0,
-      cfg_scale=3.0 if tiny else 1.2, use_cache=True))
+      cfg_scale=2.0 if tiny else 1.2, use_cache=True))
 
   # Paper: Adafactor b=(0.9, 0.96), lr 4.5e-5 after a 5k warm-up, exponential
   # decay from 85k to 0.025 x lr at 450k, decoupled weight decay 4.5e-2,
