@@ -3,10 +3,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import vitvqgan
+from vimjax.configs import vitvqgan
 from vimjax.data import shapes
 from vimjax.evaluation import reconstruction
-from vimjax.train import tokenizer as tokenizer_task
+from vimjax.tasks import tokenizer as tokenizer_task
 
 
 @pytest.fixture(scope="module")
