@@ -198,8 +198,9 @@ class Attention(nn.Module):
   collection: cached_key [b, heads, head_dim, max_len], cached_value
   [b, heads, max_len, head_dim], cache_index []); each later `apply(...,
   decode=True, mutable=["cache"])` takes exactly one new position, writes it at
-  cache_index and attends over the filled positions only. A caller `mask` in decode steps must broadcast to
-  [b, heads, 1, max_len] (e.g. the current row of a conv-shaped mask).
+  cache_index and attends over the filled positions only. A caller `mask` in
+  decode steps must broadcast to [b, heads, 1, max_len] (e.g. the current row
+  of a conv-shaped mask).
 
   With `static_kv=True` (cross-attention to a fixed encoder output), decode
   mode instead projects `inputs_kv` once, when the cache is created, stores
