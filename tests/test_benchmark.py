@@ -127,3 +127,15 @@ def test_bad_mode_and_task_fail_clearly():
     benchmark.run(vitvqgan.get_config("tiny"), mode="sample", steps=1, warmup=0)
   with pytest.raises(ValueError, match="--mode='eval'"):
     benchmark.run(_stage2("vim"), mode="eval", steps=1, warmup=0)
+
+
+def test_paths_flag_and_gan_mode_validate_before_anything_runs():
+  assert benchmark.parse_paths("cached") == ("cached",)
+  assert benchmark.parse_paths("uncached,cached") == ("uncached", "cached")
+  for bad in ("", "cache", "cached,cached"):
+    with pytest.raises(ValueError, match="valid: a comma-separated subset of cached,uncached"):
+      benchmark.parse_paths(bad)
+  with pytest.raises(ValueError, match="loss.adversarial_weight=0.0"):
+    benchmark.run(vitvqgan.get_config("tiny"), mode="gan", steps=1, warmup=0)
+  with pytest.raises(ValueError, match="task='vim'"):
+    benchmark.run(_stage2("vim"), mode="gan", steps=1, warmup=0)

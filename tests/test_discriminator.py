@@ -106,6 +106,22 @@ def test_blur_downsample_keeps_constants_and_halves():
   assert got.sum() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("pad,stride", [(1, 2), (2, 1), (2, 2)])
+def test_blur_matches_numpy_depthwise_filter(pad, stride):
+  """The slice-and-add blur equals a float64 depthwise 4x4 correlation, odd sizes too."""
+  x = np.random.RandomState(pad + stride).randn(2, 9, 8, 3).astype(np.float32)
+  taps = np.array([1.0, 3.0, 3.0, 1.0]) / 8.0
+  padded = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  oh, ow = (padded.shape[1] - 4) // stride + 1, (padded.shape[2] - 4) // stride + 1
+  ref = np.zeros((2, oh, ow, 3))
+  for i in range(oh):
+    for j in range(ow):
+      window = padded[:, i * stride:i * stride + 4, j * stride:j * stride + 4]
+      ref[:, i, j] = np.einsum("bhwc,h,w->bc", window, taps, taps)
+  got = np.asarray(disc_lib.blur(jnp.asarray(x), pad=pad, stride=stride))
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_equalized_lr_and_bf16():
   model = disc_lib.Discriminator(image_size=32, equalized_lr=True, dtype=jnp.bfloat16, **TINY)
   images = _images(2, 4, 32)

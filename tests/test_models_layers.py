@@ -178,7 +178,9 @@ def test_decode_with_cache_matches_full_causal_pass(scan):
          if "cache_index" in jax.tree_util.keystr(k)]
   assert all(np.all(np.asarray(i) == L) for i in idx)
   if scan:
-    assert cache["layers"]["self_attention"]["cached_key"].shape == (2, B, L, H, D // H)
+    # Keys [b, heads, head_dim, max_len], values [b, heads, max_len, head_dim], stacked.
+    assert cache["layers"]["self_attention"]["cached_key"].shape == (2, B, H, D // H, L)
+    assert cache["layers"]["self_attention"]["cached_value"].shape == (2, B, H, L, D // H)
 
 
 def test_decode_with_cross_attention_and_conv_mask():

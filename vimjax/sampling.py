@@ -148,7 +148,8 @@ def _sample_vim(model, params, labels, rng, temperature, top_p, cfg_scale, *, nu
 
 def sample_vim(model: transformer.VIM, params, labels, *, rng, num_tokens: int | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               cfg_scale: float = 1.0, use_cache: bool = True, batch_size: int | None = None):
+               cfg_scale: float = 1.0, use_cache: bool = True, batch_size: int | None = None,
+               lower: bool = False):
   """Samples image tokens from VIM.
 
   Args:
@@ -165,6 +166,8 @@ def sample_vim(model: transformer.VIM, params, labels, *, rng, num_tokens: int |
       a class-conditional model otherwise).
     use_cache: KV-cache decoding; False recomputes the full forward each step.
     batch_size: b when labels is None.
+    lower: return the `jax.stages.Lowered` call instead (to compile it ahead of
+      time or read its HLO); the same jit cache entry as the sampling call.
   Returns:
     tokens [b, num_tokens] int32.
   """
@@ -182,7 +185,8 @@ def sample_vim(model: transformer.VIM, params, labels, *, rng, num_tokens: int |
   guided = cfg_scale != 1.0
   if guided and model.num_classes == 0:
     raise ValueError(f"cfg_scale={cfg_scale} needs a class-conditional VIM (num_classes > 0).")
-  return _sample_vim(model, params, jnp.asarray(labels, jnp.int32), rng,
+  call = _sample_vim.lower if lower else _sample_vim
+  return call(model, params, jnp.asarray(labels, jnp.int32), rng,
                      jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                      jnp.float32(cfg_scale), num_tokens=num_tokens, top_k=int(top_k),
                      guided=guided, greedy=temperature == 0, use_top_p=top_p < 1.0,
@@ -227,7 +231,7 @@ def _sample_parti(model, params, text_ids, rng, temperature, top_p, cfg_scale, *
 
 def sample_parti(model: transformer.Parti, params, text_ids, *, rng,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 cfg_scale: float = 1.0, use_cache: bool = True):
+                 cfg_scale: float = 1.0, use_cache: bool = True, lower: bool = False):
   """Samples grid_h * grid_w image tokens per text from Parti.
 
   Args:
@@ -238,11 +242,13 @@ def sample_parti(model: transformer.Parti, params, text_ids, *, rng,
     temperature, top_k, top_p: as in `sample_vim`.
     cfg_scale: classifier-free guidance scale (Parti: 1.2; 1.0 = off).
     use_cache: KV-cache decoding; False recomputes the full forward each step.
+    lower: as in `sample_vim`.
   Returns:
     tokens [b, grid_h * grid_w] int32.
   """
   _check(model.num_tokens, temperature, top_k, top_p)
-  return _sample_parti(model, params, jnp.asarray(text_ids, jnp.int32), rng,
+  call = _sample_parti.lower if lower else _sample_parti
+  return call(model, params, jnp.asarray(text_ids, jnp.int32), rng,
                        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                        jnp.float32(cfg_scale), top_k=int(top_k), guided=cfg_scale != 1.0,
                        greedy=temperature == 0, use_top_p=top_p < 1.0,

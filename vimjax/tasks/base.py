@@ -51,7 +51,8 @@ class Steps:
   data_transforms: tuple = ()
 
 
-# (params, conditions, rng) -> tokens [b, n] int32; conditions: None, labels
+# (params, conditions, rng, lower=False) -> tokens [b, n] int32 (with `lower`, the
+# `jax.stages.Lowered` call, to compile or profile it); conditions: None, labels
 # int32 [b] or text ids int32 [b, L] (see `Task.condition_spec`).
 Sampler = Callable[..., jax.Array]
 

@@ -103,5 +103,5 @@ def make_sampler(config, model: transformer.Parti, *, batch_size: int,
   """(params, text_ids [b, L] int32, rng) -> tokens [b, n] with `sampling_settings`."""
   del batch_size  # The text ids give it.
   settings = sampling_settings(config, **overrides)
-  return lambda params, text_ids, rng: sampling.sample_parti(
-      model, params, text_ids, rng=rng, **settings)
+  return lambda params, text_ids, rng, lower=False: sampling.sample_parti(
+      model, params, text_ids, rng=rng, lower=lower, **settings)

@@ -112,6 +112,6 @@ def make_sampler(config, model: transformer.VIM, *, batch_size: int,
                  **overrides) -> base.Sampler:
   """(params, labels [b] int32 or None, rng) -> tokens [b, n] with `sampling_settings`."""
   settings = sampling_settings(config, **overrides)
-  return lambda params, labels, rng: sampling.sample_vim(
+  return lambda params, labels, rng, lower=False: sampling.sample_vim(
       model, params, labels if model.num_classes else None, rng=rng, batch_size=batch_size,
-      **settings)
+      lower=lower, **settings)
