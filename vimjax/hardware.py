@@ -68,7 +68,7 @@ def peak_flops(device_kind: str) -> float | None:
   """Dense bf16 peak FLOP/s of one device of this kind; None (with a warning) if unknown."""
   chip = by_device_kind(device_kind)
   if chip is None:
-    if device_kind not in _warned:
+    if device_kind not in _warned and device_kind != "cpu":  # CPUs: measured, as expected.
       _warned.add(device_kind)
       logging.warning("No peak FLOP/s known for device kind %r (known: %s); set "
                       "--config.peak_flops_per_device for a true MFU.", device_kind,
