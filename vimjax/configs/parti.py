@@ -44,7 +44,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "parti"
   c.seed = 0
-  c.total_steps = 1000 if tiny else 450_000
+  c.total_steps = 3000 if tiny else 450_000  # Tiny: the demo's (BUILD_NOTES, "Demo recipe").
   c.global_batch_size = 32 if tiny else 8192
   c.log_every_steps = 50 if tiny else 100
   c.checkpoint_every_steps = 500 if tiny else 5_000
@@ -138,7 +138,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # checkpoints stay every 100 / 5,000 loop steps (~1 / ~40 min at 0.49 s each).
     c.optimizer.update(dict(accumulation_steps=k, warmup_steps=5_000 * k,
                             decay_start_step=85_000 * k))
-  if tiny:  # Adam converges in the demo's few hundred steps.
+  if tiny:  # Adam: the demo's 3000 steps (cosine to end_lr over total_steps).
     c.optimizer.update(dict(name="adamw", lr=1e-3, b2=0.99, weight_decay=1e-4,
                             warmup_steps=20, schedule="cosine", end_lr=1e-4,
                             decay_start_step=0, grad_clip_norm=1.0))
