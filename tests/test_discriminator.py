@@ -122,6 +122,32 @@ def test_blur_matches_numpy_depthwise_filter(pad, stride):
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("k,stride,size", [(3, 2, 9), (3, 2, 8), (1, 2, 7), (3, 3, 10), (3, 1, 6), (1, 1, 5)])
+def test_conv_as_matmul_matches_numpy_and_lax_gradients(k, stride, size):
+  """Patches @ kernel equals a float64 NumPy correlation; its gradients equal lax's conv's."""
+  rs = np.random.RandomState(k + stride + size)
+  x = rs.randn(2, size, size + 1, 5).astype(np.float32)
+  kernel = rs.randn(k, k, 5, 4).astype(np.float32)
+  oh, ow = (size - k) // stride + 1, (size + 1 - k) // stride + 1
+  ref = np.zeros((2, oh, ow, 4))
+  for i in range(oh):
+    for j in range(ow):
+      window = x[:, i * stride:i * stride + k, j * stride:j * stride + k].astype(np.float64)
+      ref[:, i, j] = np.einsum("bhwc,hwco->bo", window, kernel)
+  got = disc_lib.conv_as_matmul(jnp.asarray(x), jnp.asarray(kernel), stride)
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+  lax_conv = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  # R1's shape: the kernel gradient of the squared input gradient (second order).
+  def r1(conv):
+    loss = lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
+    return jax.grad(lambda w, x: jnp.sum(jnp.square(jax.grad(loss)(x, w))))
+  expected = r1(lax_conv)(jnp.asarray(kernel), jnp.asarray(x))
+  got = r1(lambda x, w: disc_lib.conv_as_matmul(x, w, stride))(jnp.asarray(kernel), jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-4, atol=2e-4)
+
+
 def test_equalized_lr_and_bf16():
   model = disc_lib.Discriminator(image_size=32, equalized_lr=True, dtype=jnp.bfloat16, **TINY)
   images = _images(2, 4, 32)

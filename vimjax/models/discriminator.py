@@ -67,6 +67,36 @@ def blur(x: Array, pad: int, stride: int) -> Array:
   return _blur_axis(_blur_axis(x, 1, stride), 2, stride)
 
 
+def conv_as_matmul(x: Array, kernel: Array, stride: int) -> Array:
+  """VALID convolution as (strided) patches times the kernel.
+
+  XLA:CPU runs the discriminator's convolution gradients badly: the input
+  gradient of a strided convolution (an lhs-dilated one) and, worse, the
+  kernel gradients inside the R1 penalty's gradient of a gradient, which fall
+  off its fast path (97% of a 64 px GAN step, 215 s of 221 s). Slices and one
+  matmul have gradients that are pads and matmuls (BUILD_NOTES.md, "Speed
+  (issue 13)").
+
+  Args:
+    x: [b, h, w, cin], already padded.
+    kernel: [kh, kw, cin, cout].
+    stride: the stride of both spatial axes.
+
+  Returns:
+    [b, (h - kh) // stride + 1, (w - kw) // stride + 1, cout].
+  """
+  kh, kw, cin, cout = kernel.shape
+  b, h, w, _ = x.shape
+  oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
+  # Patch channels ordered (i, j, c), as the HWIO kernel flattens.
+  patches = [jax.lax.slice(x, (0, i, j, 0), (b, i + stride * (oh - 1) + 1,
+                                             j + stride * (ow - 1) + 1, cin),
+                           (1, stride, stride, 1))
+             for i in range(kh) for j in range(kw)]
+  patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
+  return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
+
+
 def minibatch_stddev(x: Array, group_size: int, num_channels: int = 1) -> Array:
   """Appends the minibatch standard deviation as extra feature maps.
 
@@ -134,21 +164,21 @@ class Conv(nn.Module):
     x = x.astype(self.dtype)
     if self.down and k > 1:  # Blur keeps the size (+1), the strided conv halves it.
       x = blur(x, pad=(k + 1) // 2, stride=1)
-      stride, padding = 2, "VALID"
+      stride = 2
     elif self.down:  # 1x1: blur and stride together.
       x = blur(x, pad=1, stride=2)
-      stride, padding = 1, "VALID"
+      stride = 1
     else:
-      stride, padding = 1, [(k // 2, k // 2)] * 2
+      stride = 1
+      x = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
     if stride > 1:
-      # The conv reads all input channels (its kernel splits outputs over
+      # The patches read all input channels (the kernel splits outputs over
       # `channels`), so gather them here. Left to itself, XLA's SPMD partitioner
-      # returns wrong *input gradients* of a strided conv whose input is split on
-      # batch over two mesh axes and on channels over a third (mesh 2x2x2:
-      # tests/test_strategies.py); forward values were right.
+      # returned wrong *input gradients* of a strided lax conv whose input was
+      # split on batch over two mesh axes and on channels over a third (mesh
+      # 2x2x2: tests/test_strategies.py); forward values were right.
       x = nn.with_logical_constraint(x, ("activation_batch", None, None, None))
-    y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv_as_matmul(x, kernel, stride)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, (self.kernel_axes[-1],)), (self.features,),
