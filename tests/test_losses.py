@@ -151,6 +151,14 @@ def test_r1_penalty_nonlinear_per_example():
   # The penalty is differentiable w.r.t. the discriminator's parameters.
   d = jax.grad(lambda s: losses.r1_penalty(lambda y: jnp.sum(s * y, axis=(1, 2, 3)), x))(2.0)
   np.testing.assert_allclose(d, 2 * 2.0 * x[0].size, rtol=1e-5)  # d/ds (s^2 * 12) = 24 s
+  # The logits come from the same pass: D(x) itself, and differentiable too.
+  logits, penalty = losses.logits_and_r1_penalty(disc, x)
+  np.testing.assert_allclose(logits, np.sum(np.tanh(a * x.astype(np.float64)), axis=(1, 2, 3)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(penalty, ref, rtol=1e-5)
+  d_logits = jax.grad(lambda s: jnp.sum(losses.logits_and_r1_penalty(
+      lambda y: jnp.sum(s * y, axis=(1, 2, 3)), x)[0]))(2.0)
+  np.testing.assert_allclose(d_logits, np.sum(x.astype(np.float64)), rtol=1e-5)
 
 
 def test_lecam_matches_reference_and_gradients():

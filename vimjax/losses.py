@@ -180,23 +180,34 @@ def discriminator_loss(real_logits: Array, fake_logits: Array) -> Array:
           + jnp.mean(jax.nn.softplus(fake_logits)))
 
 
-def r1_penalty(disc_fn: Callable[[Array], Array], real_images: Array) -> Array:
-  """R1 gradient penalty (Mescheder et al. 2018): E ||grad_x D(x)||^2 on reals.
+def logits_and_r1_penalty(disc_fn: Callable[[Array], Array],
+                          real_images: Array) -> tuple[Array, Array]:
+  """The discriminator's logits on reals and the R1 penalty, from one forward pass.
 
-  The gradient of sum(D(x)) gives every example its own gradient, since the
-  discriminator treats examples independently (the minibatch-stddev layer
-  couples them slightly, as in StyleGAN2). The caller multiplies by gamma / 2.
+  R1 (Mescheder et al. 2018) is E ||grad_x D(x)||^2 on reals. The gradient of
+  sum(D(x)) gives every example its own gradient, since the discriminator
+  treats examples independently (the minibatch-stddev layer couples them
+  slightly, as in StyleGAN2). The logits come from the same `jax.vjp`, so the
+  discriminator loss needs no second forward pass on the reals. The caller
+  multiplies the penalty by gamma / 2.
 
   Args:
     disc_fn: images [b, h, w, c] -> logits [b] (params closed over).
     real_images: [b, h, w, c] real images.
 
   Returns:
-    [] mean over examples of the squared gradient norm.
+    (logits [b] float32, [] mean over examples of the squared gradient norm).
   """
   real_images = jnp.asarray(real_images, jnp.float32)
-  grads = jax.grad(lambda x: jnp.sum(jnp.asarray(disc_fn(x), jnp.float32)))(real_images)
-  return jnp.mean(jnp.sum(jnp.square(grads), axis=tuple(range(1, grads.ndim))))
+  logits, vjp = jax.vjp(lambda x: jnp.asarray(disc_fn(x), jnp.float32), real_images)
+  (grads,) = vjp(jnp.ones_like(logits))
+  penalty = jnp.mean(jnp.sum(jnp.square(grads), axis=tuple(range(1, grads.ndim))))
+  return logits, penalty
+
+
+def r1_penalty(disc_fn: Callable[[Array], Array], real_images: Array) -> Array:
+  """The R1 penalty alone (see `logits_and_r1_penalty`): [] float32."""
+  return logits_and_r1_penalty(disc_fn, real_images)[1]
 
 
 def lecam_regularizer(real_logits: Array, fake_logits: Array,

@@ -201,13 +201,17 @@ def discriminator_loss(parts: Parts, d_params, images, fakes, extra):
   """(total loss, (terms, updated LeCam EMAs)) of the discriminator."""
   lw = parts.loss
   apply = lambda x: parts.disc.apply({"params": d_params}, x)
-  real_logits, fake_logits = apply(images), apply(jax.lax.stop_gradient(fakes))
+  if lw.r1_gamma > 0:  # The reals' forward pass serves the logits and R1's gradient.
+    real_logits, r1 = losses.logits_and_r1_penalty(apply, images)
+  else:
+    real_logits, r1 = apply(images), None
+  fake_logits = apply(jax.lax.stop_gradient(fakes))
   terms = {"d_loss": losses.discriminator_loss(real_logits, fake_logits),
            "d_real": jnp.mean(real_logits), "d_fake": jnp.mean(fake_logits)}
   total = terms["d_loss"]
-  if lw.r1_gamma > 0:
-    terms["r1"] = losses.r1_penalty(apply, images)
-    total += 0.5 * lw.r1_gamma * terms["r1"]
+  if r1 is not None:
+    terms["r1"] = r1
+    total += 0.5 * lw.r1_gamma * r1
   lecam_ema = (extra["lecam_real"], extra["lecam_fake"])
   if lw.lecam_weight > 0:
     # The EMAs updated with this step's logits, as the LeCam authors' code does.
