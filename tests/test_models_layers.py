@@ -96,11 +96,12 @@ def test_layer_norm_matches_numpy_and_casts():
   np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=2e-2, atol=2e-2)
 
 
-def test_attention_matches_numpy_reference_with_mask():
+@pytest.mark.parametrize("implementation", ["auto", "dot_product_attention", "xla"])
+def test_attention_matches_numpy_reference_with_mask(implementation):
   xq, xkv = _x((B, 3, D), 1), _x((B, 5, 8), 2)  # cross-attention, other dims
   mask = np.random.RandomState(0).rand(B, 1, 3, 5) > 0.3
   mask[..., 0] = True
-  mod = layers.Attention(num_heads=2, head_dim=6)
+  mod = layers.Attention(num_heads=2, head_dim=6, implementation=implementation)
   params = nn.meta.unbox(_init(mod, xq, xkv, deterministic=True))
   out = _apply(mod, params, xq, xkv, jnp.asarray(mask), deterministic=True)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
@@ -115,6 +116,23 @@ def test_attention_matches_numpy_reference_with_mask():
   ref = np.einsum("bqhk,hkd->bqd", o, p["out"]["kernel"]) + p["out"]["bias"]
   assert out.shape == (B, 3, D)
   np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_implementations_agree_causal_and_reject_unknown():
+  x = _x((B, 7, D), 3)
+  outs = {}
+  for implementation in ("dot_product_attention", "xla"):
+    mod = layers.Attention(num_heads=2, head_dim=6, implementation=implementation)
+    params = nn.meta.unbox(_init(mod, x, x, deterministic=True))
+    outs[implementation] = _apply(mod, params, x, x, deterministic=True, causal=True)
+  np.testing.assert_allclose(outs["xla"], outs["dot_product_attention"], rtol=1e-5, atol=1e-6)
+  # Causal: the first position sees only itself, so later inputs cannot move it.
+  x2 = x.at[:, 1:].set(0.0)
+  out2 = _apply(mod, params, x2, x2, deterministic=True, causal=True)
+  np.testing.assert_allclose(out2[:, 0], outs["xla"][:, 0], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="implementation='flash'"):
+    _apply(layers.Attention(num_heads=2, head_dim=6, implementation="flash"), params, x, x,
+           deterministic=True)
 
 
 def test_attention_and_mlp_logical_names():
