@@ -263,7 +263,8 @@ def test_parti_decode_projects_text_keys_values_once():
     _, init = decode({"params": params}, _tokens())
   assert len(calls) == 2 * 2  # key + value in each of the 2 decoder layers.
   cache = init["cache"]["decoder"]["layers_0"]["cross_attention"]
-  assert cache["cached_key"].shape == (B, TEXT_LEN, 2, D // 2)
+  assert cache["cached_key"].shape == (B, 2, D // 2, TEXT_LEN)
+  assert cache["cached_value"].shape == (B, 2, TEXT_LEN, D // 2)
   calls.clear()
   with nn.intercept_methods(record):
     decode({"params": params, "cache": init["cache"]}, _tokens()[:, :1])
