@@ -125,6 +125,21 @@ def _relative_diff(a, b):
   return (diff / sum(float(np.sum(np.asarray(x) ** 2)) for x in a)) ** 0.5
 
 
+def _assert_matches_reference(ref_dir, params, config):
+  """`params` equal the reference's at STEPS to within 1% of its last two steps' update.
+
+  Meshes round differently, and Adam's normalised update turns a rounding-level
+  gradient difference on a near-zero gradient into a parameter difference of
+  up to ~lr, so a fixed relative tolerance on the parameters is fragile; a
+  skipped, repeated or mis-sharded step moves them by a sizeable fraction of
+  an update.
+  """
+  ref = _restore(ref_dir, STEPS, config).params
+  two_steps = _relative_diff(ref, _restore(ref_dir, STEPS - 2, config).params)
+  diff = _relative_diff(ref, params)
+  assert diff < 0.01 * two_steps, (diff, two_steps)
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -206,8 +221,7 @@ def test_two_processes_match_one_then_preempt_and_resume(source, reference, tmp_
 
   # The two-process checkpoint restores in this single process; same parameters.
   config = _config(source)
-  pod_state, ref_state = _restore(workdir, STEPS, config), _restore(ref_dir, STEPS, config)
-  assert _relative_diff(ref_state.params, pod_state.params) < 1e-5
+  _assert_matches_reference(ref_dir, _restore(workdir, STEPS, config).params, config)
 
 
 def _kernel(state):
@@ -228,11 +242,12 @@ def test_checkpoint_restores_on_other_meshes(source, reference, tmp_path):
   np.testing.assert_allclose([losses[3], losses[4]], [ref[3], ref[4]], rtol=1e-5)
   np.testing.assert_allclose(result["eval_loss"], ref_result["eval_loss"], rtol=1e-5)
 
-  final, ref_final = _restore(str(workdir), STEPS, mesh222), _restore(ref_dir, STEPS, _config(source))
-  assert _relative_diff(ref_final.params, final.params) < 1e-5
+  final = _restore(str(workdir), STEPS, mesh222)
+  _assert_matches_reference(ref_dir, final.params, _config(source))
   assert dict(_kernel(final).sharding.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   assert _kernel(final).sharding.spec == P("fsdp", "tensor")
   assert _kernel(final).addressable_shards[0].data.shape == (16, 32)
+  ref_final = _restore(ref_dir, STEPS, _config(source))
   assert _kernel(ref_final).addressable_shards[0].data.shape == (4, 64)  # fsdp=8.
 
   # On 4 of the 8 devices (data=2 x tensor=2): the same values, resharded.
