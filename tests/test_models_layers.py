@@ -135,6 +135,31 @@ def test_attention_implementations_agree_causal_and_reject_unknown():
            deterministic=True)
 
 
+def test_residual_matmul_value_and_gradients_match_numpy():
+  """Same value and gradients as x @ W (float64 NumPy), for 3-D inputs too."""
+  rs = np.random.RandomState(7)
+  x, w, g = rs.randn(2, 5, 6), rs.randn(6, 4), rs.randn(2, 5, 4)
+  y, vjp = jax.vjp(layers.residual_matmul, jnp.asarray(x, jnp.float32),
+                   jnp.asarray(w, jnp.float32))
+  dx, dw = vjp(jnp.asarray(g, jnp.float32))
+  np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, g @ w.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, np.einsum("blk,bln->kn", x, g), rtol=1e-5, atol=1e-5)
+
+
+def test_residual_dense_is_nn_dense():
+  """Same param tree, init values and outputs as the nn.Dense it replaces."""
+  x = _x((B, L, 12), 5)
+  ours = layers.ResidualDense(D, dtype=jnp.float32)
+  dense = nn.Dense(D, kernel_init=nn.initializers.xavier_uniform())
+  params = nn.meta.unbox(ours.init(jax.random.key(3), x))
+  dense_params = dense.init(jax.random.key(3), x)
+  np.testing.assert_array_equal(params["params"]["kernel"], dense_params["params"]["kernel"])
+  params["params"]["bias"] = jnp.linspace(-1.0, 1.0, D)
+  np.testing.assert_allclose(ours.apply(params, x), dense.apply(params, x), rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_attention_and_mlp_logical_names():
   block = layers.TransformerBlock(num_heads=H, mlp_dim=MLP, cross_attention=True)
   x, enc = _x((B, L, D)), _x((B, 3, D))

@@ -16,6 +16,7 @@ Conventions:
     VIM, Parti and the tokenizer each name and place it differently.
 """
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -125,6 +126,57 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+@jax.custom_vjp
+def residual_matmul(x, kernel):
+  """x [..., k] @ kernel [k, n] for a projection whose output joins the residual stream.
+
+  The value and the gradients of jnp.dot; only the kernel gradient's matmul is
+  written the other way round, g^T x then transposed (a [n, k] transpose),
+  instead of x^T g. XLA:CPU lays out the rhs of x^T g with the token axis
+  minor: a transposing copy of the residual-stream gradient g, into which it
+  fuses that gradient's whole chain of adds and LayerNorm backwards from the
+  layers above, so an unrolled stack recomputed it once per layer (quadratic in
+  depth). As the lhs, g is read in place. 8-layer Parti step, unrolled: 5.4 ->
+  2.4 s (BUILD_NOTES.md, "Speed (issue 13)").
+  """
+  return jnp.dot(x, kernel)
+
+
+def _residual_matmul_fwd(x, kernel):
+  return jnp.dot(x, kernel), (x, kernel)
+
+
+def _residual_matmul_bwd(residuals, g):
+  x, kernel = residuals
+  tokens_x, tokens_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  kernel_grad = jnp.dot(tokens_g.T, tokens_x).T
+  return jnp.dot(g, kernel.T).astype(x.dtype), kernel_grad.astype(kernel.dtype)
+
+
+residual_matmul.defvjp(_residual_matmul_fwd, _residual_matmul_bwd)
+
+
+class ResidualDense(nn.Module):
+  """nn.Dense (same params, init and values) through `residual_matmul`.
+
+  For the layers whose output is added to the residual stream (the MLP's wo).
+  """
+  features: int
+  kernel_names: tuple[str | None, str | None] = ("mlp", "embed")
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x [..., in] -> [..., features] in `dtype`."""
+    kernel = self.param("kernel", _part(_dense_init, self.kernel_names),
+                        (x.shape[-1], self.features), self.param_dtype)
+    bias = self.param("bias", _part(_zeros, self.kernel_names[1:]), (self.features,),
+                      self.param_dtype)
+    y = residual_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
 class MlpBlock(nn.Module):
   """Transformer feed-forward: Dense(mlp_dim) -> gelu -> dropout -> Dense(embed)."""
   mlp_dim: int
@@ -142,8 +194,9 @@ class MlpBlock(nn.Module):
     h = nn.with_logical_constraint(
         h, ("activation_batch", "activation_length", "activation_mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    return dense(x.shape[-1], kernel_init=_part(_dense_init, ("mlp", "embed")),
-                 bias_init=_part(_zeros, ("embed",)), name="wo")(h)
+    # Its output joins the residual stream: see `residual_matmul`.
+    return ResidualDense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="wo")(h)
 
 
 class _Projection(nn.Module):
@@ -156,6 +209,10 @@ class _Projection(nn.Module):
   kernel_names: tuple[str | None, ...]
   num_in_axes: int  # leading kernel axes contracted with x (fan-in)
   equation: str
+  # The output joins the residual stream: x's trailing num_in_axes axes and the
+  # kernel's leading ones are flattened into one `residual_matmul` (the einsum
+  # must contract exactly those).
+  residual: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -169,7 +226,14 @@ class _Projection(nn.Module):
                         self.param_dtype)
     bias = self.param("bias", _part(_zeros, self.kernel_names[self.num_in_axes:]),
                       self.kernel_shape[self.num_in_axes:], self.param_dtype)
-    y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.residual:
+      fan_in = math.prod(self.kernel_shape[:self.num_in_axes])
+      y = residual_matmul(
+          x.astype(self.dtype).reshape(*x.shape[:x.ndim - self.num_in_axes], fan_in),
+          kernel.astype(self.dtype).reshape(fan_in, -1))
+      y = y.reshape(*y.shape[:-1], *self.kernel_shape[self.num_in_axes:])
+    else:
+      y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
     return y + bias.astype(self.dtype)
 
 
@@ -298,7 +362,8 @@ class Attention(nn.Module):
         x, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
     output = lambda out: _Projection(  # [b, q, heads, kv] -> [b, q, embed]
         (self.num_heads, self.head_dim, inputs_q.shape[-1]), ("heads", "kv", "embed"), 2,
-        "blhk,hkd->bld", self.dtype, self.param_dtype, name="out")(split_heads(out))
+        "blhk,hkd->bld", residual=True, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="out")(split_heads(out))
     query = split_heads(proj(inputs_q, "query"))
     # Applied to the query, not to the [b, heads, q, k] logits (a pass over the
     # largest tensor: +9% CPU time in the tokenizer step on XLA:CPU).
