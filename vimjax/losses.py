@@ -205,11 +205,6 @@ def logits_and_r1_penalty(disc_fn: Callable[[Array], Array],
   return logits, penalty
 
 
-def r1_penalty(disc_fn: Callable[[Array], Array], real_images: Array) -> Array:
-  """The R1 penalty alone (see `logits_and_r1_penalty`): [] float32."""
-  return logits_and_r1_penalty(disc_fn, real_images)[1]
-
-
 def lecam_regularizer(real_logits: Array, fake_logits: Array,
                       ema_real: Array, ema_fake: Array) -> Array:
   """LeCam regulariser (Tseng et al. 2021) for the discriminator loss.
