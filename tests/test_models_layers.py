@@ -135,11 +135,11 @@ def test_attention_implementations_agree_causal_and_reject_unknown():
            deterministic=True)
 
 
-def test_residual_matmul_value_and_gradients_match_numpy():
+def test_dense_matmul_value_and_gradients_match_numpy():
   """Same value and gradients as x @ W (float64 NumPy), for 3-D inputs too."""
   rs = np.random.RandomState(7)
   x, w, g = rs.randn(2, 5, 6), rs.randn(6, 4), rs.randn(2, 5, 4)
-  y, vjp = jax.vjp(layers.residual_matmul, jnp.asarray(x, jnp.float32),
+  y, vjp = jax.vjp(layers.dense_matmul, jnp.asarray(x, jnp.float32),
                    jnp.asarray(w, jnp.float32))
   dx, dw = vjp(jnp.asarray(g, jnp.float32))
   np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
@@ -147,10 +147,10 @@ def test_residual_matmul_value_and_gradients_match_numpy():
   np.testing.assert_allclose(dw, np.einsum("blk,bln->kn", x, g), rtol=1e-5, atol=1e-5)
 
 
-def test_residual_dense_is_nn_dense():
+def test_dense_is_nn_dense():
   """Same param tree, init values and outputs as the nn.Dense it replaces."""
   x = _x((B, L, 12), 5)
-  ours = layers.ResidualDense(D, dtype=jnp.float32)
+  ours = layers.Dense(D, dtype=jnp.float32)
   dense = nn.Dense(D, kernel_init=nn.initializers.xavier_uniform())
   params = nn.meta.unbox(ours.init(jax.random.key(3), x))
   dense_params = dense.init(jax.random.key(3), x)
@@ -158,6 +158,41 @@ def test_residual_dense_is_nn_dense():
   params["params"]["bias"] = jnp.linspace(-1.0, 1.0, D)
   np.testing.assert_allclose(ours.apply(params, x), dense.apply(params, x), rtol=1e-5,
                              atol=1e-6)
+
+
+def test_materialize_gradient_is_the_identity_behind_a_conditional():
+  """Value and gradient pass through unchanged (NaN included); on the CPU the
+  backward pass keeps its conditional (the barrier XLA:CPU cannot fuse through)."""
+  x = _x((3, 4), 1)
+  for g in (_x((3, 4), 2), _x((3, 4), 2).at[0, 0].set(jnp.nan)):
+    y, vjp = jax.vjp(layers.materialize_gradient, x)
+    (dx,) = vjp(g)
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(dx, g)
+  loss = lambda x: jnp.sum(jnp.sin(layers.materialize_gradient(jnp.cos(x))))
+  np.testing.assert_allclose(jax.grad(loss)(x), -jnp.cos(jnp.cos(x)) * jnp.sin(x), rtol=1e-6)
+  hlo = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+  assert " conditional(" in hlo, "XLA folded the gradient barrier away"
+
+
+def test_transformer_block_gradients_same_with_and_without_barriers(monkeypatch):
+  """The CPU's gradient barriers change no gradient (a platform without them is the
+  reference), and the platform is read from the mesh in context."""
+  block = layers.TransformerBlock(num_heads=2, mlp_dim=16, cross_attention=True)
+  x, enc = _x((B, L, 12), 3), _x((B, 5, 12), 4)
+  params = nn.meta.unbox(block.init(jax.random.key(0), x, enc))
+  loss = lambda p, x: jnp.sum(jnp.square(block.apply(p, x, enc)))
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    assert layers.target_platform() == "cpu"
+    hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+    assert hlo.count(" conditional(") == 3  # One per residual add.
+    with_barriers = jax.grad(loss, argnums=(0, 1))(params, x)
+  monkeypatch.setattr(layers, "target_platform", lambda: "tpu")
+  assert " conditional(" not in jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+  without = jax.grad(loss, argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               with_barriers, without)
 
 
 def test_attention_and_mlp_logical_names():

@@ -1,6 +1,7 @@
 """Transformer building blocks shared by the tokenizer and the stage-2 models.
 
-Owns: LayerNorm (float32), MlpBlock, Attention (with an autoregressive
+Owns: LayerNorm (float32), Dense / `dense_matmul` and `materialize_gradient`
+(XLA:CPU-friendly backward passes), MlpBlock, Attention (with an autoregressive
 key/value cache), TransformerBlock (pre-LN; sows its output for probes),
 TransformerStack (optionally scanned and rematerialised), `block_outputs`
 (the sown block outputs of a stack) and the causal / conv-shaped attention masks.
@@ -56,6 +57,15 @@ def _constrain(x):
 
 def _and_masks(mask, other):
   return other if mask is None else jnp.logical_and(mask, other)
+
+
+def target_platform() -> str:
+  """The platform being compiled for: the mesh's in `jax.set_mesh` (e.g. "tpu" when
+  `aot_compile` targets a TPU topology from a CPU host), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
 
 
 def make_causal_mask(length: int) -> jnp.ndarray:
@@ -127,40 +137,68 @@ class LayerNorm(nn.Module):
 
 
 @jax.custom_vjp
-def residual_matmul(x, kernel):
-  """x [..., k] @ kernel [k, n] for a projection whose output joins the residual stream.
+def dense_matmul(x, kernel):
+  """x [..., k] @ kernel [k, n], the kernel gradient written for XLA:CPU.
 
   The value and the gradients of jnp.dot; only the kernel gradient's matmul is
   written the other way round, g^T x then transposed (a [n, k] transpose),
   instead of x^T g. XLA:CPU lays out the rhs of x^T g with the token axis
-  minor: a transposing copy of the residual-stream gradient g, into which it
-  fuses that gradient's whole chain of adds and LayerNorm backwards from the
-  layers above, so an unrolled stack recomputed it once per layer (quadratic in
-  depth). As the lhs, g is read in place. 8-layer Parti step, unrolled: 5.4 ->
-  2.4 s (BUILD_NOTES.md, "Speed (issue 13)").
+  minor: a transposing copy of the output gradient g. For the projections into
+  the residual stream that copy fused the gradient's whole chain of adds and
+  LayerNorm backwards from the layers above (quadratic in depth: 8-layer Parti
+  step, unrolled, 5.4 -> 2.4 s); for the MLP's wi it is a [tokens, mlp] copy
+  per layer. As the lhs, g is read in place (BUILD_NOTES.md, "Speed (issue 13)").
   """
   return jnp.dot(x, kernel)
 
 
-def _residual_matmul_fwd(x, kernel):
+def _dense_matmul_fwd(x, kernel):
   return jnp.dot(x, kernel), (x, kernel)
 
 
-def _residual_matmul_bwd(residuals, g):
+def _dense_matmul_bwd(residuals, g):
   x, kernel = residuals
   tokens_x, tokens_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   kernel_grad = jnp.dot(tokens_g.T, tokens_x).T
   return jnp.dot(g, kernel.T).astype(x.dtype), kernel_grad.astype(kernel.dtype)
 
 
-residual_matmul.defvjp(_residual_matmul_fwd, _residual_matmul_bwd)
+dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
 
 
-class ResidualDense(nn.Module):
-  """nn.Dense (same params, init and values) through `residual_matmul`.
+@jax.custom_vjp
+def materialize_gradient(x):
+  """The identity; its gradient is computed once, where XLA:CPU cannot fuse it away.
 
-  For the layers whose output is added to the residual stream (the MLP's wo).
+  The gradient of a residual stream is a chain of adds, one per sublayer.
+  XLA:CPU fuses that elementwise chain into each of its consumers (the
+  LayerNorm backwards, once per layer and output shape) instead of writing it
+  out, so every layer recomputed the sum of all the layers above it. A
+  conditional is the one cheap op its fusion passes leave alone
+  (`optimization_barrier` is expanded before fusion; two identical branches are
+  folded): the backward pass routes the gradient through `lax.cond` between
+  the identity and `g + 0.0`, the same values whichever runs. For the CPU only:
+  on GPU a conditional syncs with the host. 8-layer Parti step: -10%
+  (BUILD_NOTES.md, "Speed (issue 13)").
   """
+  return x
+
+
+def _materialize_gradient_fwd(x):
+  return x, None
+
+
+def _materialize_gradient_bwd(_, g):
+  # The predicate only has to be unknown at compile time: a sum, which is defined
+  # under any sharding (one scalar all-reduce). NaN stays NaN in either branch.
+  return (jax.lax.cond(jnp.isnan(jnp.sum(g)), lambda g: g + 0.0, lambda g: g, g),)
+
+
+materialize_gradient.defvjp(_materialize_gradient_fwd, _materialize_gradient_bwd)
+
+
+class Dense(nn.Module):
+  """nn.Dense (same params, init and values) through `dense_matmul`."""
   features: int
   kernel_names: tuple[str | None, str | None] = ("mlp", "embed")
   dtype: Dtype = jnp.float32
@@ -173,7 +211,7 @@ class ResidualDense(nn.Module):
                         (x.shape[-1], self.features), self.param_dtype)
     bias = self.param("bias", _part(_zeros, self.kernel_names[1:]), (self.features,),
                       self.param_dtype)
-    y = residual_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = dense_matmul(x.astype(self.dtype), kernel.astype(self.dtype))
     return y + bias.astype(self.dtype)
 
 
@@ -187,16 +225,13 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     """x: [b, l, embed] -> [b, l, embed]."""
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    h = dense(self.mlp_dim, kernel_init=_part(_dense_init, ("embed", "mlp")),
-              bias_init=_part(_zeros, ("mlp",)), name="wi")(x)
+    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.mlp_dim, ("embed", "mlp"), name="wi")(x)
     h = nn.gelu(h)
     h = nn.with_logical_constraint(
         h, ("activation_batch", "activation_length", "activation_mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-    # Its output joins the residual stream: see `residual_matmul`.
-    return ResidualDense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype,
-                         name="wo")(h)
+    return dense(x.shape[-1], ("mlp", "embed"), name="wo")(h)
 
 
 class _Projection(nn.Module):
@@ -209,10 +244,10 @@ class _Projection(nn.Module):
   kernel_names: tuple[str | None, ...]
   num_in_axes: int  # leading kernel axes contracted with x (fan-in)
   equation: str
-  # The output joins the residual stream: x's trailing num_in_axes axes and the
-  # kernel's leading ones are flattened into one `residual_matmul` (the einsum
-  # must contract exactly those).
-  residual: bool = False
+  # x's trailing num_in_axes axes and the kernel's leading ones are flattened
+  # into one `dense_matmul` (the einsum must contract exactly those). For the
+  # output projection, whose gradient is the residual stream's.
+  flatten: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -226,9 +261,9 @@ class _Projection(nn.Module):
                         self.param_dtype)
     bias = self.param("bias", _part(_zeros, self.kernel_names[self.num_in_axes:]),
                       self.kernel_shape[self.num_in_axes:], self.param_dtype)
-    if self.residual:
+    if self.flatten:
       fan_in = math.prod(self.kernel_shape[:self.num_in_axes])
-      y = residual_matmul(
+      y = dense_matmul(
           x.astype(self.dtype).reshape(*x.shape[:x.ndim - self.num_in_axes], fan_in),
           kernel.astype(self.dtype).reshape(fan_in, -1))
       y = y.reshape(*y.shape[:-1], *self.kernel_shape[self.num_in_axes:])
@@ -362,7 +397,7 @@ class Attention(nn.Module):
         x, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
     output = lambda out: _Projection(  # [b, q, heads, kv] -> [b, q, embed]
         (self.num_heads, self.head_dim, inputs_q.shape[-1]), ("heads", "kv", "embed"), 2,
-        "blhk,hkd->bld", residual=True, dtype=self.dtype, param_dtype=self.param_dtype,
+        "blhk,hkd->bld", flatten=True, dtype=self.dtype, param_dtype=self.param_dtype,
         name="out")(split_heads(out))
     query = split_heads(proj(inputs_q, "query"))
     # Applied to the query, not to the [b, heads, q, k] logits (a pass over the
@@ -423,7 +458,7 @@ class Attention(nn.Module):
     dropout = lambda w: nn.Dropout(self.dropout_rate)(w, deterministic=deterministic)
     use_dropout = not deterministic and self.dropout_rate > 0.0
     if not use_dropout and (self.implementation == "dot_product_attention" or (
-        self.implementation == "auto" and jax.default_backend() == "gpu")):
+        self.implementation == "auto" and target_platform() == "gpu")):
       # cuDNN flash attention on GPU. Masks stay as given (e.g. [1, 1, q, k] for a
       # local window, [b, 1, 1, k] for padding), broadcast inside.
       out = jax.nn.dot_product_attention(query * scale, key, value, mask=mask,
@@ -474,6 +509,8 @@ class TransformerBlock(nn.Module):
         dropout_rate=self.dropout_rate, dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(LayerNorm, dtype=self.dtype, param_dtype=self.param_dtype)
     dropout = nn.Dropout(self.dropout_rate)
+    # The residual stream's gradient, written out once per sublayer on the CPU.
+    residual = materialize_gradient if target_platform() == "cpu" else lambda x: x
 
     x = _constrain(x.astype(self.dtype))
     # In a decode step l == 1 and the cache's mask is the causal one.
@@ -481,7 +518,7 @@ class TransformerBlock(nn.Module):
     h = norm(name="pre_attention_norm")(x)
     h = attention(name="self_attention")(h, h, mask, deterministic=deterministic,
                                          decode=decode, causal=causal)
-    x = x + dropout(h, deterministic=deterministic)
+    x = residual(x + dropout(h, deterministic=deterministic))
     if self.cross_attention:
       if encoded is None:
         raise ValueError("TransformerBlock(cross_attention=True) needs `encoded`.")
@@ -489,11 +526,11 @@ class TransformerBlock(nn.Module):
       h = attention(name="cross_attention", static_kv=self.cache_cross_attention)(
           h, encoded.astype(self.dtype), encoder_mask, deterministic=deterministic,
           decode=decode and self.cache_cross_attention)
-      x = x + dropout(h, deterministic=deterministic)
+      x = residual(x + dropout(h, deterministic=deterministic))
     h = norm(name="pre_mlp_norm")(x)
     h = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
                  param_dtype=self.param_dtype, name="mlp")(h, deterministic=deterministic)
-    x = _constrain(x + dropout(h, deterministic=deterministic))
+    x = _constrain(residual(x + dropout(h, deterministic=deterministic)))
     # The block's output for probes (e.g. the VIM linear probe): kept only when
     # "intermediates" is mutable in `apply`, a no-op otherwise.
     self.sow("intermediates", "output", x)
