@@ -147,6 +147,22 @@ def test_dense_matmul_value_and_gradients_match_numpy():
   np.testing.assert_allclose(dw, np.einsum("blk,bln->kn", x, g), rtol=1e-5, atol=1e-5)
 
 
+def test_dense_matmul_bfloat16_accumulates_in_float32():
+  """bfloat16 operands: a bfloat16 result equal to the float64 dot rounded once (a
+  bfloat16 running sum of 256 + 1 + 1 + ... stays at 256), and float32-accumulated
+  gradients."""
+  x = jnp.ones((4, 256), jnp.bfloat16)
+  w = jnp.ones((256, 3), jnp.bfloat16).at[0].set(256.0)
+  y, vjp = jax.vjp(layers.dense_matmul, x, w)
+  assert y.dtype == jnp.bfloat16
+  expected = np.asarray(x, np.float64) @ np.asarray(w, np.float64)  # 511 -> 512 in bf16
+  np.testing.assert_array_equal(np.asarray(y, np.float64),
+                                np.asarray(jnp.asarray(expected, jnp.bfloat16), np.float64))
+  dx, dw = vjp(jnp.ones((4, 3), jnp.bfloat16))
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(dw, np.float64), np.full((256, 3), 4.0))
+
+
 def test_dense_is_nn_dense():
   """Same param tree, init values and outputs as the nn.Dense it replaces."""
   x = _x((B, L, 12), 5)
