@@ -1,7 +1,7 @@
 r"""JAX_PLATFORMS=cpu python benchmarks/micro_convs.py
 
 The convolution micro-benchmarks behind BUILD_NOTES.md, "Speed (issue 13)",
-second round: XLA's convolution against `discriminator.conv_as_matmul`
+second round: XLA's convolution against `convolution.conv_as_matmul`
 (forward + backward, and the R1-shaped kernel gradient of a squared input
 gradient), three-row patches, and LPIPS' VGG input gradient as a forward
 convolution with the flipped kernel. Milliseconds per call, batch 16.
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vimjax.models import discriminator
+from vimjax.models import convolution
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -34,7 +34,7 @@ def lax_conv(stride):
 
 def patches_conv(stride):
   pad = lambda x: x if stride > 1 else jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return lambda x, w: discriminator.conv_as_matmul(pad(x), w, stride)
+  return lambda x, w: convolution.conv_as_matmul(pad(x), w, stride)
 
 
 def row_patches_conv(x, w):

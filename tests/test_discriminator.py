@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vimjax import parallel
+from vimjax.models import convolution
 from vimjax.models import discriminator as disc_lib
 
 TINY = dict(base_channels=8, max_channels=16)
@@ -134,7 +135,7 @@ def test_conv_as_matmul_matches_numpy_and_lax_gradients(k, stride, size):
     for j in range(ow):
       window = x[:, i * stride:i * stride + k, j * stride:j * stride + k].astype(np.float64)
       ref[:, i, j] = np.einsum("bhwc,hwco->bo", window, kernel)
-  got = disc_lib.conv_as_matmul(jnp.asarray(x), jnp.asarray(kernel), stride)
+  got = convolution.conv_as_matmul(jnp.asarray(x), jnp.asarray(kernel), stride)
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
 
   lax_conv = lambda x, w: jax.lax.conv_general_dilated(
@@ -144,7 +145,7 @@ def test_conv_as_matmul_matches_numpy_and_lax_gradients(k, stride, size):
     loss = lambda x, w: jnp.sum(jnp.sin(conv(x, w)))
     return jax.grad(lambda w, x: jnp.sum(jnp.square(jax.grad(loss)(x, w))))
   expected = r1(lax_conv)(jnp.asarray(kernel), jnp.asarray(x))
-  got = r1(lambda x, w: disc_lib.conv_as_matmul(x, w, stride))(jnp.asarray(kernel), jnp.asarray(x))
+  got = r1(lambda x, w: convolution.conv_as_matmul(x, w, stride))(jnp.asarray(kernel), jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-4, atol=2e-4)
 
 

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vimjax.models.convolution import conv_as_matmul
+
 Array = jax.Array
 
 # Conv kernels [kh, kw, in, out]: in FSDP-split like "embed", out tensor-split.
@@ -65,36 +67,6 @@ def blur(x: Array, pad: int, stride: int) -> Array:
   """
   x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   return _blur_axis(_blur_axis(x, 1, stride), 2, stride)
-
-
-def conv_as_matmul(x: Array, kernel: Array, stride: int) -> Array:
-  """VALID convolution as (strided) patches times the kernel.
-
-  XLA:CPU runs the discriminator's convolution gradients badly: the input
-  gradient of a strided convolution (an lhs-dilated one) and, worse, the
-  kernel gradients inside the R1 penalty's gradient of a gradient, which fall
-  off its fast path (97% of a 64 px GAN step, 215 s of 221 s). Slices and one
-  matmul have gradients that are pads and matmuls (BUILD_NOTES.md, "Speed
-  (issue 13)").
-
-  Args:
-    x: [b, h, w, cin], already padded.
-    kernel: [kh, kw, cin, cout].
-    stride: the stride of both spatial axes.
-
-  Returns:
-    [b, (h - kh) // stride + 1, (w - kw) // stride + 1, cout].
-  """
-  kh, kw, cin, cout = kernel.shape
-  b, h, w, _ = x.shape
-  oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
-  # Patch channels ordered (i, j, c), as the HWIO kernel flattens.
-  patches = [jax.lax.slice(x, (0, i, j, 0), (b, i + stride * (oh - 1) + 1,
-                                             j + stride * (ow - 1) + 1, cin),
-                           (1, stride, stride, 1))
-             for i in range(kh) for j in range(kw)]
-  patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
-  return jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
 
 
 def minibatch_stddev(x: Array, group_size: int, num_channels: int = 1) -> Array:
