@@ -138,6 +138,23 @@ def test_token_t_sees_only_its_patch_in_the_patch_embedding(tiny):
   assert nz[:, 1].min() == 12 and nz[:, 1].max() == 15  # cols of patch col 3
 
 
+def test_patch_embedding_is_the_strided_conv():
+  """Same params, init, values and gradients as the nn.Conv it replaces."""
+  x = jnp.asarray(_images())
+  ours = vit_vqgan.PatchEmbedding(16, 4)
+  conv = nn.Conv(16, (4, 4), strides=(4, 4), padding="VALID",
+                 kernel_init=nn.initializers.lecun_normal())
+  params = nn.meta.unbox(ours.init(jax.random.key(0), x))
+  np.testing.assert_array_equal(params["params"]["kernel"],
+                                conv.init(jax.random.key(0), x)["params"]["kernel"])
+  params["params"]["bias"] = jnp.linspace(-1.0, 1.0, 16)
+  loss = lambda module: lambda p, x: jnp.sum(jnp.sin(module.apply(p, x)))
+  for ours_out, conv_out in zip(jax.value_and_grad(loss(ours), argnums=(0, 1))(params, x),
+                                jax.value_and_grad(loss(conv), argnums=(0, 1))(params, x)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 ours_out, conv_out)
+
+
 def test_unpatchify_matches_numpy_loops():
   b, g, p, c = 2, 3, 2, 5
   x = np.random.RandomState(0).randn(b, g * g, p * p * c).astype(np.float32)

@@ -9,6 +9,8 @@ discriminator and, on the CPU, by LPIPS' VGG (BUILD_NOTES.md, "Speed (issue 13)"
 import jax
 import jax.numpy as jnp
 
+from vimjax.models import layers
+
 Array = jax.Array
 
 
@@ -38,4 +40,9 @@ def conv_as_matmul(x: Array, kernel: Array, stride: int) -> Array:
   # Accumulated in float32: XLA:CPU's bfloat16 dots are fast only with a float32 output.
   out = jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout),
                    preferred_element_type=jnp.float32)
-  return out.astype(jnp.result_type(x, kernel))
+  out = out.astype(jnp.result_type(x, kernel))
+  if layers.target_platform() == "cpu":
+    # Its gradient written out before the kernel gradient's transposing copy:
+    # XLA:CPU fused the blur's backward adds into that copy (135 ms for 8 MB).
+    out = layers.materialize_gradient(out)
+  return out
