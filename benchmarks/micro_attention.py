@@ -6,23 +6,18 @@ The attention and decode micro-benchmarks behind BUILD_NOTES.md, "Speed
   Parti's shapes: `jax.nn.dot_product_attention` against
   `layers.heads_major_attention`;
 - 256 steps x 16 chained small-M ([8, 512] x [512, 2048] and back) dots, float32
-  against bfloat16 weights.
+  against bfloat16 weights (second round);
+- the weight matmuls of a Parti decode step at the issue's dims (8 layers: q, k,
+  v, out, cross q, cross out, MLP in and out; 114 MB of float32), 256 steps at
+  4 and 8 rows: float32, bfloat16 with a bfloat16 output, and bfloat16
+  accumulated into a float32 output (`layers.einsum`; third round).
 Milliseconds per call.
 """
-import time
-
 import jax
 import jax.numpy as jnp
 
 from vimjax.models import layers
-
-def timed(fn, *args, repeats=5):
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / repeats * 1e3
+from vimjax.perf.timing import milliseconds_per_call
 
 
 def training_attention():
@@ -39,8 +34,8 @@ def training_attention():
       forward = jax.jit(lambda q, k, v, attend=attend: attend(q, k, v, causal))
       backward = jax.jit(jax.grad(lambda q, k, v, attend=attend: jnp.sum(
           attend(q, k, v, causal) * g), argnums=(0, 1, 2)))
-      row.append(f"{name} fwd {timed(forward, q, k, v):5.1f} "
-                 f"fwd+bwd {timed(backward, q, k, v):5.1f}")
+      row.append(f"{name} fwd {milliseconds_per_call(forward, q, k, v, repeats=5):5.1f} "
+                 f"fwd+bwd {milliseconds_per_call(backward, q, k, v, repeats=5):5.1f}")
     print("  ".join(row), flush=True)
 
 
@@ -56,11 +51,44 @@ def small_m_dots(rows=8):
         return x
       return jax.lax.fori_loop(0, 256, step, x)
     x = jax.random.normal(jax.random.key(0), (rows, 512)).astype(dtype)
-    ms = timed(jax.jit(loop), x, weights, repeats=3)
+    ms = milliseconds_per_call(jax.jit(loop), x, weights)
     print(f"small-M dots, {jnp.dtype(dtype).name}: {ms:7.1f} ({ms / 4096 * 1e3:.0f} us/dot)",
           flush=True)
+
+
+def decode_step_dots():
+  shapes = dict(q=(512, 512), k=(512, 512), v=(512, 512), out=(512, 512),
+                cross_q=(512, 512), cross_out=(512, 512), wi=(512, 2048), wo=(2048, 512))
+  key = iter(jax.random.split(jax.random.key(0), 8 * len(shapes) + 1))
+  f32_layers = [{name: jax.random.normal(next(key), shape) * 0.02
+                 for name, shape in shapes.items()} for _ in range(8)]
+  logits = jax.random.normal(next(key), (512, 1024)) * 0.02
+  variants = {  # (weight dtype, matmul)
+      "float32": (jnp.float32, lambda a, w: a @ w),
+      "bfloat16 -> bfloat16": (jnp.bfloat16, lambda a, w: (a.astype(w.dtype) @ w)),
+      "bfloat16 -> float32": (jnp.bfloat16, lambda a, w: layers.einsum(
+          "bk,kn->bn", a.astype(w.dtype), w).astype(jnp.float32))}
+
+  for name, (dtype, mm) in variants.items():
+    def loop(x, params, logits, mm=mm):
+      def step(_, x):
+        for p in params:
+          a = jnp.tanh(mm(x, p["q"])) + jnp.tanh(mm(x, p["k"])) * jnp.tanh(mm(x, p["v"]))
+          x = x + mm(a, p["out"]).astype(x.dtype)
+          x = x + mm(jnp.tanh(mm(x, p["cross_q"])), p["cross_out"]).astype(x.dtype)
+          x = x + mm(jax.nn.gelu(mm(x, p["wi"])), p["wo"]).astype(x.dtype)
+        return x + mm(x, logits)[:, :512].astype(x.dtype)
+      return jax.lax.fori_loop(0, 256, step, x)
+    params, cast_logits = jax.tree.map(lambda w: w.astype(dtype), (f32_layers, logits))
+    row = [f"decode-step dots, {name}:"]
+    for rows in (4, 8):
+      x = jnp.full((rows, 512), 0.01, jnp.float32)
+      ms = milliseconds_per_call(jax.jit(loop), x, params, cast_logits)
+      row.append(f"{rows} rows {ms / 256:5.2f} ms/step")
+    print("  ".join(row), flush=True)
 
 
 if __name__ == "__main__":
   training_attention()
   small_m_dots()
+  decode_step_dots()

@@ -6,24 +6,14 @@ second round: XLA's convolution against `convolution.conv_as_matmul`
 gradient), three-row patches, and LPIPS' VGG input gradient as a forward
 convolution with the flipped kernel. Milliseconds per call, batch 16.
 """
-import time
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from vimjax.models import convolution
+from vimjax.perf.timing import milliseconds_per_call
 
 DN = ("NHWC", "HWIO", "NHWC")
-
-
-def timed(fn, *args, repeats=3):
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / repeats * 1e3
 
 
 def lax_conv(stride):
@@ -69,7 +59,8 @@ def costs(conv, x, w):
   loss = lambda x, w: jnp.sum(jnp.square(conv(x, w)))
   both = jax.jit(jax.grad(loss, argnums=(0, 1)))
   r1 = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.square(jax.grad(loss)(x, w)))))
-  return f"fwd+bwd {timed(both, x, w):7.1f}  r1 {timed(r1, w, x):7.1f}"
+  return (f"fwd+bwd {milliseconds_per_call(both, x, w):7.1f}  "
+          f"r1 {milliseconds_per_call(r1, w, x):7.1f}")
 
 
 def main():
@@ -93,8 +84,8 @@ def main():
     w = jax.random.normal(key, (3, 3, c, c)) * 0.05
     grads = [jax.jit(jax.grad(lambda x, conv=conv: jnp.sum(jnp.square(conv(x, w)))))
              for conv in (lax_conv(1), flipped_input_grad_conv)]
-    print(f"  {size}px {c}: lax {timed(grads[0], x):6.1f} | flipped forward "
-          f"{timed(grads[1], x):6.1f}", flush=True)
+    print(f"  {size}px {c}: lax {milliseconds_per_call(grads[0], x):6.1f} | flipped forward "
+          f"{milliseconds_per_call(grads[1], x):6.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -37,10 +37,7 @@ def conv_as_matmul(x: Array, kernel: Array, stride: int) -> Array:
                            (1, stride, stride, 1))
              for i in range(kh) for j in range(kw)]
   patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
-  # Accumulated in float32: XLA:CPU's bfloat16 dots are fast only with a float32 output.
-  out = jnp.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout),
-                   preferred_element_type=jnp.float32)
-  out = out.astype(jnp.result_type(x, kernel))
+  out = layers.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
   if layers.target_platform() == "cpu":
     # Its gradient written out before the kernel gradient's transposing copy:
     # XLA:CPU fused the blur's backward adds into that copy (135 ms for 8 MB).

@@ -136,14 +136,15 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-def _dot(a, b):
-  """jnp.dot accumulated in float32, returned in the operands' dtype.
+def einsum(equation: str, a, b):
+  """jnp.einsum accumulated in float32, returned in the operands' dtype.
 
-  The same values (the dot accumulates in float32 anyway), but XLA:CPU runs
-  bfloat16 x bfloat16 dots fast only with a float32 output: a bfloat16 decode
-  step, 6.9 -> 4.0 ms (BUILD_NOTES.md, "Speed (issue 13)").
+  The same values (the matmul accumulates in float32 anyway), but XLA:CPU runs
+  bfloat16 x bfloat16 matmuls fast only with a float32 output: a bfloat16
+  decode step's weight matmuls, 6.9 -> 4.0 ms (`benchmarks/micro_attention.py`).
   """
-  return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.result_type(a, b))
+  out = jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)
+  return out.astype(jnp.result_type(a, b))
 
 
 @jax.custom_vjp
@@ -159,18 +160,18 @@ def dense_matmul(x, kernel):
   step, unrolled, 5.4 -> 2.4 s); for the MLP's wi it is a [tokens, mlp] copy
   per layer. As the lhs, g is read in place (BUILD_NOTES.md, "Speed (issue 13)").
   """
-  return _dot(x, kernel)
+  return einsum("...k,kn->...n", x, kernel)
 
 
 def _dense_matmul_fwd(x, kernel):
-  return _dot(x, kernel), (x, kernel)
+  return einsum("...k,kn->...n", x, kernel), (x, kernel)
 
 
 def _dense_matmul_bwd(residuals, g):
   x, kernel = residuals
   tokens_x, tokens_g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   kernel_grad = jnp.dot(tokens_g.T, tokens_x, preferred_element_type=jnp.float32).T
-  return _dot(g, kernel.T).astype(x.dtype), kernel_grad.astype(kernel.dtype)
+  return einsum("...n,kn->...k", g, kernel).astype(x.dtype), kernel_grad.astype(kernel.dtype)
 
 
 dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
@@ -188,8 +189,8 @@ def materialize_gradient(x):
   (`optimization_barrier` is expanded before fusion; two identical branches are
   folded): the backward pass routes the gradient through `lax.cond` between
   the identity and `g + 0.0`, the same values whichever runs. For the CPU only:
-  on GPU a conditional syncs with the host. 8-layer Parti step: -10%
-  (BUILD_NOTES.md, "Speed (issue 13)").
+  on GPU a conditional syncs with the host. 8-layer Parti step: 2.29 ->
+  2.05-2.12 s (BUILD_NOTES.md, "Speed (issue 13)").
   """
   return x
 
@@ -278,8 +279,7 @@ class _Projection(nn.Module):
           kernel.astype(self.dtype).reshape(fan_in, -1))
       y = y.reshape(*y.shape[:-1], *self.kernel_shape[self.num_in_axes:])
     else:
-      y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype),
-                     preferred_element_type=jnp.float32).astype(self.dtype)  # As in `_dot`.
+      y = einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
     return y + bias.astype(self.dtype)
 
 
