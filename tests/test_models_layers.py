@@ -246,13 +246,17 @@ def test_causal_block_does_not_look_ahead():
 # ----------------------------------------------------------------------------- decode
 
 
-def _decode_stepwise(mod, params, x, encoded=None, row_masks=None):
+def _decode_stepwise(mod, params, x, encoded=None, row_masks=None, cache_lengths=None):
+  """Decodes x one position at a time; `cache_lengths` {step: length} resizes the
+  self-attention caches before that step (as a segmented sampler does)."""
   cache = _init(mod, x, encoded, deterministic=True, decode=True)["cache"]
   assert all(float(jnp.abs(c).sum()) == 0 for c in jax.tree.leaves(cache))
   step = jax.jit(functools.partial(mod.apply, deterministic=True, decode=True,
                                    mutable=["cache"]))
   outs = []
   for t in range(x.shape[1]):
+    if cache_lengths and t in cache_lengths:
+      cache = layers.resize_decode_caches(cache, cache_lengths[t])
     mask = None if row_masks is None else row_masks[:, :, t:t + 1]
     y, upd = step({"params": params["params"], "cache": cache}, x[:, t:t + 1], encoded, mask)
     cache = upd["cache"]
@@ -288,6 +292,54 @@ def test_decode_with_cross_attention_and_conv_mask():
   np.testing.assert_allclose(stepwise, full, rtol=1e-5, atol=1e-5)
   # The conv mask is effective: it differs from plain causal attention.
   assert not np.allclose(full, fwd(params, x, enc, None), atol=1e-4)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decode_with_caches_cut_then_grown_matches_full_pass(scan):
+  """Caches cut to 2 positions, then zero-padded to 5, then to 6: the same outputs
+  as the full pass (the conv mask, longer than the cut cache, is cut with it);
+  cross-attention caches keep their length."""
+  mod = _stack(cross_attention=True, scan_layers=scan)
+  x, enc = _x((B, 6, D)), _x((B, 4, D), 3)
+  conv = layers.conv_shaped_causal_mask(2, 3, 1, 3)
+  params = _init(mod, x, enc, deterministic=True)
+  full = jax.jit(functools.partial(mod.apply, deterministic=True))(params, x, enc, conv)
+  stepwise, cache = _decode_stepwise(mod, params, x, enc, row_masks=conv,
+                                     cache_lengths={0: 2, 2: 5, 5: 6})
+  np.testing.assert_allclose(stepwise, full, rtol=1e-5, atol=1e-5)
+  shapes = {jax.tree_util.keystr(k): v.shape
+            for k, v in jax.tree_util.tree_flatten_with_path(cache)[0]}
+  lead = (2,) if scan else ()
+  for name, shape in shapes.items():
+    if "self_attention" in name and "cached_key" in name:
+      assert shape == lead + (B, H, D // H, 6), name
+    if "self_attention" in name and "cached_value" in name:
+      assert shape == lead + (B, H, 6, D // H), name
+    if "cross_attention" in name and "cached_" in name:
+      assert 4 in shape[-2:] and 6 not in shape[-2:], (name, shape)
+
+
+def test_resize_decode_caches_cuts_and_pads_the_length_axes_only():
+  rng = np.random.RandomState(0)
+  draw = lambda *shape: rng.randn(*shape).astype(np.float32)
+  self_cache = {"cached_key": draw(2, 3, 4, 8), "cached_value": draw(2, 3, 8, 4),
+                "cache_index": np.array(3)}
+  cross = {"cached_key": draw(2, 3, 4, 5), "cached_value": draw(2, 3, 5, 4)}
+  tree = {"layers_0": {"self_attention": self_cache, "cross_attention": cross},
+          "index": np.array(3)}
+  cut = layers.resize_decode_caches(tree, 5)
+  np.testing.assert_array_equal(cut["layers_0"]["self_attention"]["cached_key"],
+                                self_cache["cached_key"][..., :5])
+  np.testing.assert_array_equal(cut["layers_0"]["self_attention"]["cached_value"],
+                                self_cache["cached_value"][:, :, :5])
+  assert all(cut["layers_0"]["cross_attention"][name] is cross[name] for name in cross)
+  assert cut["index"] is tree["index"]
+  grown = layers.resize_decode_caches(cut, 8)["layers_0"]["self_attention"]
+  expected_key = self_cache["cached_key"].copy()
+  expected_key[..., 5:] = 0
+  np.testing.assert_array_equal(grown["cached_key"], expected_key)
+  assert grown["cached_value"].shape == (2, 3, 8, 4)
+  assert not np.any(grown["cached_value"][:, :, 5:])
 
 
 def test_decode_step_rejects_multiple_positions():

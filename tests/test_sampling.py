@@ -101,6 +101,9 @@ def test_bad_arguments_are_rejected(vim):
   model, _, params = vim
   with pytest.raises(ValueError, match="top_p=0"):
     sampling.sample_vim(model, params, LABELS, num_tokens=N, rng=jax.random.key(0), top_p=0.0)
+  with pytest.raises(ValueError, match="cache_segments=0"):
+    sampling.sample_vim(model, params, LABELS, num_tokens=N, rng=jax.random.key(0),
+                        cache_segments=0)
   uncond = transformer.VIM(vocab_size=V, grid_h=G, grid_w=G, num_layers=1, num_heads=2,
                            emb_dim=D, mlp_dim=64, num_classes=0)
   with pytest.raises(ValueError, match="cfg_scale=2.0"):
@@ -174,15 +177,16 @@ def test_guidance_runs_one_batch_of_2b_rows(vim, parti, use_cache):
   with nn.intercept_methods(interceptor):  # top_k=3: a fresh trace, so calls are seen.
     sampling.sample_vim(model, params, LABELS, num_tokens=N, rng=jax.random.key(0),
                         cfg_scale=3.0, top_k=3, use_cache=use_cache)
-  # Cached: the cache-creating call + the loop body; uncached: the loop body only.
-  assert sizes == [2 * B] * (2 if use_cache else 1)
+  # Cached: the cache-creating call + one loop body per segment; uncached: one body.
+  calls = 1 + sampling.CACHE_SEGMENTS if use_cache else 1
+  assert sizes == [2 * B] * calls
 
   model, _, params = parti
   sizes, interceptor = _record_batch_sizes(transformer.Parti, "decode")
   with nn.intercept_methods(interceptor):
     sampling.sample_parti(model, params, TEXT, rng=jax.random.key(0), cfg_scale=3.0,
                           top_k=3, use_cache=use_cache)
-  assert sizes == [2 * B] * (2 if use_cache else 1)
+  assert sizes == [2 * B] * calls
 
 
 def _flops(fn, *args):
@@ -199,6 +203,33 @@ def test_unconditional_vim_sampling():
   cached = run(True)
   assert cached.shape == (2, N)
   np.testing.assert_array_equal(cached, run(False))
+
+
+@pytest.mark.parametrize("segments", [1, 3, N + 2])
+def test_cache_segments_give_the_same_tokens(vim, parti, segments):
+  """Any number of decode loops (more than tokens too) draws the default's tokens."""
+  model, _, params = vim
+  run = lambda n, **kw: np.asarray(sampling.sample_vim(
+      model, params, LABELS, num_tokens=n, rng=jax.random.key(4), top_k=5, **kw))
+  for n in (N, 7):
+    np.testing.assert_array_equal(run(n, cache_segments=segments), run(n), err_msg=str(n))
+  model, _, params = parti
+  run = lambda **kw: np.asarray(sampling.sample_parti(
+      model, params, TEXT, rng=jax.random.key(4), cfg_scale=2.0, **kw))
+  np.testing.assert_array_equal(run(cache_segments=segments), run())
+
+
+def test_each_cache_segment_reads_a_cache_of_its_length(parti):
+  """With S segments the decode loops attend over caches of N/S, 2N/S, ... positions."""
+  model, _, params = parti
+  head_dim = model.emb_dim // model.num_heads
+  hlo = lambda s: sampling.sample_parti(model, params, TEXT, rng=jax.random.key(0),
+                                        cache_segments=s, lower=True).as_text()
+  key_cache = lambda length: f"tensor<{B}x{model.num_heads}x{head_dim}x{length}xf32>"
+  segmented, single = hlo(4), hlo(1)
+  for length in (4, 8, 12):
+    assert key_cache(length) in segmented and key_cache(length) not in single, length
+  assert key_cache(N) in single
 
 
 def test_cache_creation_drops_the_dummy_forward(vim):

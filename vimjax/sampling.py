@@ -20,9 +20,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vimjax.models import layers
 from vimjax.models import transformer
 
 _NEG_INF = -jnp.inf
+# Decode loops per cached sampling call (`_decode_loop`): the steps of loop s of S
+# read a cache of (s + 1) / S of the positions, (S + 1) / 2S of it on average.
+CACHE_SEGMENTS = 4
 
 
 def apply_temperature(logits, temperature):
@@ -79,10 +83,22 @@ def _filter_and_sample(logits, rng, temperature, top_k, top_p, greedy, use_top_p
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _segment_bounds(num_tokens: int, segments: int):
+  """[(start, end)] of `segments` near-equal runs of positions (empty ones dropped)."""
+  bounds = [round(num_tokens * s / segments) for s in range(segments + 1)]
+  return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
 def _decode_loop(step_logits, state, num_tokens, batch, rng, temperature, top_k, top_p,
-                 cfg_scale, guided, greedy, use_top_p):
-  """Shared fori_loop: `step_logits(i, prev [B], tokens [B, n], state)` -> (logits
-  [B, vocab], state), with B = 2 * batch under guidance (cond rows first)."""
+                 cfg_scale, guided, greedy, use_top_p, resize_state=None, segments=1):
+  """Shared fori_loops: `step_logits(i, prev [B], tokens [B, n], state)` -> (logits
+  [B, vocab], state), with B = 2 * batch under guidance (cond rows first).
+
+  With `resize_state(state, length)`, the positions run in `segments` loops and
+  each loop's state is resized to the positions it reaches first (the KV caches:
+  a step reads its whole cache, so early steps read less; one compiled step per
+  segment).
+  """
   rows = 2 * batch if guided else batch
 
   def body(i, carry):
@@ -100,11 +116,16 @@ def _decode_loop(step_logits, state, num_tokens, batch, rng, temperature, top_k,
 
   tokens = jnp.zeros((rows, num_tokens), jnp.int32)
   prev = jnp.zeros((rows,), jnp.int32)
-  tokens, _, _ = jax.lax.fori_loop(0, num_tokens, body, (tokens, prev, state))
+  if resize_state is None:
+    segments = 1
+  for start, end in _segment_bounds(num_tokens, segments):
+    if resize_state is not None:
+      state = resize_state(state, end)
+    tokens, prev, state = jax.lax.fori_loop(start, end, body, (tokens, prev, state))
   return tokens[:batch]
 
 
-def _check(num_tokens, temperature, top_k, top_p):
+def _check(num_tokens, temperature, top_k, top_p, cache_segments):
   if num_tokens < 1:
     raise ValueError(f"num_tokens={num_tokens} must be >= 1.")
   if temperature < 0:
@@ -113,12 +134,16 @@ def _check(num_tokens, temperature, top_k, top_p):
     raise ValueError(f"top_k={top_k} must be >= 0 (0 = off).")
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = off).")
+  if cache_segments < 1:
+    raise ValueError(f"cache_segments={cache_segments} must be >= 1 (1 = one decode loop "
+                     "over the full cache).")
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "model", "num_tokens", "top_k", "guided", "greedy", "use_top_p", "use_cache"))
+    "model", "num_tokens", "top_k", "guided", "greedy", "use_top_p", "use_cache",
+    "cache_segments"))
 def _sample_vim(model, params, labels, rng, temperature, top_p, cfg_scale, *, num_tokens,
-                top_k, guided, greedy, use_top_p, use_cache):
+                top_k, guided, greedy, use_top_p, use_cache, cache_segments):
   batch = labels.shape[0]
   if guided:
     labels = jnp.concatenate([labels, jnp.full_like(labels, model.null_label)])
@@ -143,13 +168,14 @@ def _sample_vim(model, params, labels, rng, temperature, top_p, cfg_scale, *, nu
       return jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False), state
     state = ()
   return _decode_loop(step_logits, state, num_tokens, batch, rng, temperature, top_k,
-                      top_p, cfg_scale, guided, greedy, use_top_p)
+                      top_p, cfg_scale, guided, greedy, use_top_p,
+                      layers.resize_decode_caches if use_cache else None, cache_segments)
 
 
 def sample_vim(model: transformer.VIM, params, labels, *, rng, num_tokens: int | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                cfg_scale: float = 1.0, use_cache: bool = True, batch_size: int | None = None,
-               lower: bool = False):
+               cache_segments: int = CACHE_SEGMENTS, lower: bool = False):
   """Samples image tokens from VIM.
 
   Args:
@@ -166,6 +192,9 @@ def sample_vim(model: transformer.VIM, params, labels, *, rng, num_tokens: int |
       a class-conditional model otherwise).
     use_cache: KV-cache decoding; False recomputes the full forward each step.
     batch_size: b when labels is None.
+    cache_segments: the cached decode runs in this many loops, each with a KV
+      cache only as long as the positions it reaches (steps read less of it;
+      each loop compiles its own step). 1 = one loop over the full cache.
     lower: return the `jax.stages.Lowered` call instead (to compile it ahead of
       time or read its HLO); the same jit cache entry as the sampling call.
   Returns:
@@ -175,7 +204,7 @@ def sample_vim(model: transformer.VIM, params, labels, *, rng, num_tokens: int |
   if num_tokens > model.num_tokens:
     raise ValueError(f"num_tokens={num_tokens} exceeds the model's grid_h * grid_w = "
                      f"{model.num_tokens}.")
-  _check(num_tokens, temperature, top_k, top_p)
+  _check(num_tokens, temperature, top_k, top_p, cache_segments)
   if labels is None:
     if batch_size is None:
       raise ValueError("sample_vim: pass labels [b] or batch_size for an unconditional model.")
@@ -190,13 +219,13 @@ def sample_vim(model: transformer.VIM, params, labels, *, rng, num_tokens: int |
                      jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                      jnp.float32(cfg_scale), num_tokens=num_tokens, top_k=int(top_k),
                      guided=guided, greedy=temperature == 0, use_top_p=top_p < 1.0,
-                     use_cache=use_cache)
+                     use_cache=use_cache, cache_segments=int(cache_segments))
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "model", "top_k", "guided", "greedy", "use_top_p", "use_cache"))
+    "model", "top_k", "guided", "greedy", "use_top_p", "use_cache", "cache_segments"))
 def _sample_parti(model, params, text_ids, rng, temperature, top_p, cfg_scale, *, top_k,
-                  guided, greedy, use_top_p, use_cache):
+                  guided, greedy, use_top_p, use_cache, cache_segments):
   batch = text_ids.shape[0]
   variables = {"params": params}
   drop = jnp.zeros((batch,), bool)
@@ -226,12 +255,14 @@ def _sample_parti(model, params, text_ids, rng, temperature, top_p, cfg_scale, *
       return jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False), state
     state = ()
   return _decode_loop(step_logits, state, num_tokens, batch, rng, temperature, top_k,
-                      top_p, cfg_scale, guided, greedy, use_top_p)
+                      top_p, cfg_scale, guided, greedy, use_top_p,
+                      layers.resize_decode_caches if use_cache else None, cache_segments)
 
 
 def sample_parti(model: transformer.Parti, params, text_ids, *, rng,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 cfg_scale: float = 1.0, use_cache: bool = True, lower: bool = False):
+                 cfg_scale: float = 1.0, use_cache: bool = True,
+                 cache_segments: int = CACHE_SEGMENTS, lower: bool = False):
   """Samples grid_h * grid_w image tokens per text from Parti.
 
   Args:
@@ -242,14 +273,15 @@ def sample_parti(model: transformer.Parti, params, text_ids, *, rng,
     temperature, top_k, top_p: as in `sample_vim`.
     cfg_scale: classifier-free guidance scale (Parti: 1.2; 1.0 = off).
     use_cache: KV-cache decoding; False recomputes the full forward each step.
+    cache_segments: as in `sample_vim`.
     lower: as in `sample_vim`.
   Returns:
     tokens [b, grid_h * grid_w] int32.
   """
-  _check(model.num_tokens, temperature, top_k, top_p)
+  _check(model.num_tokens, temperature, top_k, top_p, cache_segments)
   call = _sample_parti.lower if lower else _sample_parti
   return call(model, params, jnp.asarray(text_ids, jnp.int32), rng,
                        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
                        jnp.float32(cfg_scale), top_k=int(top_k), guided=cfg_scale != 1.0,
                        greedy=temperature == 0, use_top_p=top_p < 1.0,
-                       use_cache=use_cache)
+                       use_cache=use_cache, cache_segments=int(cache_segments))

@@ -308,6 +308,40 @@ def _decode_step_attention(query, keys, values, mask):
   return out[:, None].astype(values.dtype)
 
 
+def resize_decode_caches(cache, length: int):
+  """Cuts or zero-pads every self-attention KV cache in a "cache" collection to
+  `length` positions.
+
+  A decode step reads its whole cache, filled or not. A sampler that runs its
+  steps in segments gives each segment a cache just long enough for the
+  positions it reaches (sampling.py), so the early steps read less; the
+  positions a pad adds are written before they are attended to. Cross-attention
+  caches (static_kv: no cache_index) and other variables are left as they are.
+  Works on scanned stacks too (a leading layer axis).
+
+  Args:
+    cache: the "cache" collection (nested dicts), as `apply(..., mutable=["cache"])`
+      returns it.
+    length: positions to keep, > the highest cache_index that will be used.
+  """
+  def resize(x, axis):
+    axis %= x.ndim
+    if length <= x.shape[axis]:
+      return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad)
+
+  def walk(tree):
+    if not hasattr(tree, "items"):
+      return tree
+    if "cache_index" in tree and "cached_key" in tree:  # See Attention's cache layouts.
+      return {**tree, "cached_key": resize(tree["cached_key"], -1),
+              "cached_value": resize(tree["cached_value"], -2)}
+    return {name: walk(child) for name, child in tree.items()}
+  return walk(cache)
+
+
 ATTENTION_IMPLEMENTATIONS = ("auto", "dot_product_attention", "xla")
 
 
@@ -452,6 +486,10 @@ class Attention(nn.Module):
           raise ValueError("Attention: causal=True does not apply to a decode step (one "
                            "query against the cache); the cache mask is causal.")
         i = cache_index.value
+        if mask is not None and mask.shape[-1] > max_len:
+          # A cache cut short by `resize_decode_caches`: the mask's later columns
+          # are positions not reached yet.
+          mask = jax.lax.slice_in_dim(mask, 0, max_len, axis=mask.ndim - 1)
         zero = jnp.zeros((), jnp.int32)
         cached_key.value = jax.lax.dynamic_update_slice(
             cached_key.value, key.transpose(0, 2, 3, 1), (zero, zero, zero, i))

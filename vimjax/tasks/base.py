@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vimjax import parallel
+from vimjax import sampling
 
 # What a sampler is conditioned on (`Task.conditioning`).
 CONDITIONINGS = ("none", "class", "prompt")
@@ -136,7 +137,9 @@ def sampling_settings(config, *, cfg_scale=None, temperature=None, top_k=None, t
   return dict(cfg_scale=float(pick(cfg_scale, s.cfg_scale)),
               temperature=float(pick(temperature, s.temperature)),
               top_k=int(pick(top_k, s.top_k)), top_p=float(pick(top_p, s.top_p)),
-              use_cache=bool(pick(use_cache, s.use_cache)))
+              use_cache=bool(pick(use_cache, s.use_cache)),
+              # Absent from configs saved before it existed (a workdir's config.json).
+              cache_segments=int(s.get("cache_segments", sampling.CACHE_SEGMENTS)))
 
 
 def exists(path: str) -> bool:
