@@ -215,3 +215,29 @@ def test_restart_dead_codes_seeds_from_badly_served_latents():
   matches = np.all(np.asarray(new_book)[:, None, :] == flat[None], axis=-1)  # [K, B*N]
   assert matches.any(axis=1).all()
   assert set(np.nonzero(matches)[1]) == set(np.nonzero(served_badly)[0])
+
+
+def test_restart_draws_are_proportional_to_the_error():
+  """Draw frequencies follow error / sum(error) (chi-square, fixed seed); zero-error
+  latents are never drawn, and an all-zero error draws uniformly."""
+  codes, m = 20_000, 64
+  rs = np.random.RandomState(2)
+  latents = _l2n(rs.randn(m, LOOKUP)).astype(np.float32)
+  scale = np.where(np.arange(m) % 4 == 0, 0.0, rs.uniform(0.05, 1.0, m))  # Error 0 at 1/4.
+  quantized = (latents * (1.0 - np.sqrt(scale))[:, None]).astype(np.float32)
+  error = np.sum(np.square(latents.astype(np.float64) - quantized), axis=-1)
+  restart = lambda q: quantizers.restart_dead_codes(
+      jnp.zeros((codes, LOOKUP)), jnp.zeros(codes), jnp.asarray(latents), jax.random.key(5),
+      0.5, jnp.asarray(q))[0]
+  book = np.asarray(restart(quantized))
+  idx = np.argmax(np.all(book[:, None] == latents[None], axis=-1), axis=1)
+  assert np.all(book == latents[idx])
+  counts = np.bincount(idx, minlength=m)
+  assert (error == 0).sum() == m // 4 and counts[error == 0].sum() == 0
+  expected = codes * error / error.sum()
+  live = expected > 0
+  chi2 = np.sum((counts[live] - expected[live]) ** 2 / expected[live])
+  assert chi2 < 2 * live.sum(), chi2  # dof = live - 1; its mean is ~live.
+  uniform = np.bincount(np.argmax(np.all(
+      np.asarray(restart(latents))[:, None] == latents[None], axis=-1), axis=1), minlength=m)
+  assert uniform.min() > 0.7 * codes / m and uniform.max() < 1.3 * codes / m
