@@ -242,9 +242,9 @@ def restart_dead_codes(codebook, usage_ema, latents, rng, threshold: float,
   else:
     error = jnp.sum(jnp.square(flat - quantized_latents.reshape(flat.shape)), axis=-1)
     # Inverse-CDF draws: O(m + K log m) work. jax.random.categorical(..., shape=(K,))
-    # draws a [K, m] Gumbel noise (8192 x 262144 floats at the paper's codebook and
-    # batch; 3% of the tokenizer step at the benchmark's dims). The floor makes an
-    # all-zero error a uniform draw.
+    # draws a [K, m] Gumbel noise: 3% of the tokenizer step at the benchmark's dims,
+    # 8192 x 262144 floats with restarts on at the paper's codebook and batch. The
+    # floor makes an all-zero error a uniform draw.
     cdf = jnp.cumsum(error.astype(jnp.float32) + 1e-12)
     targets = jax.random.uniform(rng, (codebook.shape[0],), jnp.float32) * cdf[-1]
     idx = jnp.minimum(jnp.searchsorted(cdf, targets, side="right"), flat.shape[0] - 1)
