@@ -79,6 +79,19 @@ def test_tokenizer_is_timed_in_its_gan_phase():
   assert benchmark._default_start_step(_stage2("vim")) == 0  # pylint: disable=protected-access
 
 
+def test_measured_peak_is_the_higher_of_before_and_after_the_steps(monkeypatch):
+  """A slow start-up reading of the CPU peak must not inflate MFU."""
+  monkeypatch.setattr(flops, "measured_peak_flops", lambda dtype: 2e9)  # At start-up.
+  monkeypatch.setattr(flops, "measure_peak_flops", lambda dtype: 5e9)  # After the steps.
+  result = benchmark.benchmark_train(_stage2("vim", peak_flops_per_device=0.0), steps=1,
+                                     warmup=0)
+  assert result["peak_flops_per_device"] == 5e9
+  assert result["mfu"] == pytest.approx(result["flops_per_step_per_device"] /
+                                        result["step_time_s"] / 5e9)
+  configured = benchmark.benchmark_train(_stage2("vim"), steps=1, warmup=0)  # 1e11: kept.
+  assert configured["peak_flops_per_device"] == 1e11
+
+
 def _analytic_vim_train_flops(config) -> float:
   """Independent estimate: 3 x forward matmul FLOPs (backward = 2 x forward)."""
   m, b = config.model, config.global_batch_size

@@ -24,7 +24,7 @@ def test_unknown_device_warns_and_the_loop_measures_its_peak(monkeypatch, caplog
   assert "No peak FLOP/s known for device kind 'Imaginary TPU v99'" in caplog.text
   assert jax.devices()[0].device_kind not in {
       k for c in hardware.CHIPS.values() for k in c.device_kinds}  # CPU: unknown.
-  monkeypatch.setattr(flops, "measure_peak_flops", lambda dtype: 1.5e9)
+  monkeypatch.setattr(flops, "measured_peak_flops", lambda dtype: 1.5e9)
   assert flops.peak_flops_per_device(0.0, "float32") == 1.5e9
   assert flops.peak_flops_per_device(2e12, "float32") == 2e12
 

@@ -87,9 +87,8 @@ def flops_between(phases: tuple[tuple[int, float], ...], first_step: int, end_st
   return total
 
 
-@functools.cache
 def measure_peak_flops(dtype_name: str = "float32", size: int = 2048, repeats: int = 5) -> float:
-  """Best observed matmul FLOP/s on the first local device."""
+  """Best observed matmul FLOP/s on the first local device, measured now."""
   dtype = jnp.dtype(dtype_name)
   device = jax.local_devices()[0]
   a = jax.device_put(jnp.ones((size, size), dtype), device)
@@ -103,6 +102,17 @@ def measure_peak_flops(dtype_name: str = "float32", size: int = 2048, repeats: i
   return 2 * size**3 / best
 
 
+@functools.cache
+def measured_peak_flops(dtype_name: str) -> float:
+  """`measure_peak_flops`, once per process and dtype."""
+  return measure_peak_flops(dtype_name)
+
+
+def peak_is_measured(configured: float) -> bool:
+  """Whether `peak_flops_per_device` measures the peak (none configured, none known)."""
+  return configured <= 0 and hardware.by_device_kind(jax.devices()[0].device_kind) is None
+
+
 def peak_flops_per_device(configured: float, dtype_name: str) -> float:
   """The configured peak if > 0, the device's from `hardware.CHIPS`, else a measured one."""
   if configured > 0:
@@ -111,7 +121,7 @@ def peak_flops_per_device(configured: float, dtype_name: str) -> float:
   peak = hardware.peak_flops(kind)  # Warns when the kind is unknown.
   if peak is not None:
     return peak
-  peak = measure_peak_flops(dtype_name)
+  peak = measured_peak_flops(dtype_name)
   logging.warning("Using the measured peak of %s (%s matmul) for MFU: %.3g FLOP/s.", kind,
                   dtype_name, peak)
   return peak
