@@ -135,6 +135,44 @@ def test_attention_implementations_agree_causal_and_reject_unknown():
            deterministic=True)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "conv", "padding"])
+def test_causal_attention_in_two_row_blocks_matches_numpy(mask_kind):
+  """Causal heads_major_attention (even length: two row blocks) against float64
+  NumPy softmax attention over the full causal mask, values and gradients; the
+  full [length, length] logits are never made."""
+  b, length, heads, dim = 2, 8, 2, 4
+  rs = np.random.RandomState(3)
+  q, k, v, g = (rs.randn(b, length, heads, dim) for _ in range(4))
+  mask = {"none": None, "conv": layers.conv_shaped_causal_mask(2, 4, 1, 3),
+          "padding": jnp.asarray(np.arange(length) < 6)[None, None, None, :]}[mask_kind]
+  allowed = np.tril(np.ones((length, length), bool))
+  if mask is not None:
+    allowed = allowed & np.asarray(mask)
+
+  def reference(q, k, v):
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k)
+    logits = np.where(allowed, logits, -np.inf)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v)
+
+  attend = lambda q, k, v: layers.heads_major_attention(q, k, v, mask, causal=True)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  out, vjp = jax.vjp(attend, f32(q), f32(k), f32(v))
+  np.testing.assert_allclose(out, reference(q, k, v), rtol=1e-4, atol=1e-5)
+  eps = 1e-6  # Central differences of the float64 reference, along g.
+  for i, got in enumerate(vjp(f32(g))):
+    args = [q, k, v]
+    want = np.zeros_like(args[i])
+    for idx in np.ndindex(*args[i].shape):
+      plus, minus = [a.copy() for a in args], [a.copy() for a in args]
+      plus[i][idx] += eps
+      minus[i][idx] -= eps
+      want[idx] = np.sum((reference(*plus) - reference(*minus)) * g) / (2 * eps)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4, err_msg=str(i))
+  hlo = jax.jit(attend).lower(f32(q), f32(k), f32(v)).as_text()
+  assert f"{length}x{length}xf32" not in hlo and f"{length // 2}x{length}xf32" in hlo
+
+
 def test_dense_matmul_value_and_gradients_match_numpy():
   """Same value and gradients as x @ W (float64 NumPy), for 3-D inputs too."""
   rs = np.random.RandomState(7)
