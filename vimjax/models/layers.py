@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vimjax.models import splash
+
 Dtype = Any
 
 # Remat policies selectable from the config (`model.remat_policy`), per block:
@@ -342,7 +344,7 @@ def resize_decode_caches(cache, length: int):
   return walk(cache)
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "dot_product_attention", "xla")
+ATTENTION_IMPLEMENTATIONS = ("auto", "dot_product_attention", "splash", "xla")
 
 
 def heads_major_attention(query, key, value, mask=None, causal=False, dropout=None):
@@ -410,9 +412,9 @@ def _softmax_attention(q, k, v, mask, dropout):
 class Attention(nn.Module):
   """Multi-head dot-product attention with an optional decode-time KV cache.
 
-  Attention is `jax.nn.dot_product_attention` on GPU (cuDNN flash attention)
-  and `heads_major_attention` elsewhere or with attention dropout
-  (`implementation`).
+  Attention is `jax.nn.dot_product_attention` on GPU (cuDNN flash attention),
+  the splash kernel on TPU where it fits (`splash.fits`), and
+  `heads_major_attention` elsewhere or with attention dropout (`implementation`).
   Decode mode follows flax's MultiHeadDotProductAttention: `init(...,
   decode=True)` on a full-length input creates a zero cache ("cache"
   collection: cached_key [b, heads, head_dim, max_len], cached_value
@@ -432,9 +434,10 @@ class Attention(nn.Module):
   head_dim: int
   dropout_rate: float = 0.0
   static_kv: bool = False
-  # "auto": jax.nn.dot_product_attention on GPU (cuDNN flash attention), else
-  # `heads_major_attention`; "dot_product_attention" / "xla" force one (attention
-  # dropout always takes `heads_major_attention`).
+  # "auto": jax.nn.dot_product_attention on GPU (cuDNN flash attention), the
+  # Pallas splash kernel on TPU where it fits (models/splash.py), else
+  # `heads_major_attention`; "dot_product_attention" / "splash" / "xla" force one
+  # (attention dropout always takes `heads_major_attention`).
   implementation: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -530,13 +533,18 @@ class Attention(nn.Module):
                        f"{ATTENTION_IMPLEMENTATIONS}.")
     dropout = lambda w: nn.Dropout(self.dropout_rate)(w, deterministic=deterministic)
     use_dropout = not deterministic and self.dropout_rate > 0.0
+    auto = self.implementation == "auto"
     if not use_dropout and (self.implementation == "dot_product_attention" or (
-        self.implementation == "auto" and target_platform() == "gpu")):
+        auto and target_platform() == "gpu")):
       # cuDNN flash attention on GPU. Masks stay as given (e.g. [1, 1, q, k] for a
       # local window, [b, 1, 1, k] for padding), broadcast inside.
       out = jax.nn.dot_product_attention(query * scale, key, value, mask=mask,
                                          is_causal=causal, scale=1.0)
-    else:  # XLA (CPU, TPU) and attention dropout, which the above does not do.
+    elif not use_dropout and (self.implementation == "splash" or (
+        auto and target_platform() == "tpu"
+        and splash.fits(query.shape[1], key.shape[1], mask))):
+      out = splash.splash_attention(query * scale, key, value, mask, causal)
+    else:  # XLA (CPU, TPU where splash does not fit) and attention dropout.
       out = heads_major_attention(query * scale, key, value, mask, causal, dropout)
     return output(out)
 
