@@ -9,6 +9,7 @@ import pytest
 from vimjax import parallel
 from vimjax.models import convolution
 from vimjax.models import discriminator as disc_lib
+from vimjax.models import layers
 
 TINY = dict(base_channels=8, max_channels=16)
 
@@ -147,6 +148,25 @@ def test_conv_as_matmul_matches_numpy_and_lax_gradients(k, stride, size):
   expected = r1(lax_conv)(jnp.asarray(kernel), jnp.asarray(x))
   got = r1(lambda x, w: convolution.conv_as_matmul(x, w, stride))(jnp.asarray(kernel), jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-4, atol=2e-4)
+
+
+def test_discriminator_uses_native_convolutions_off_the_cpu(monkeypatch):
+  """Off the CPU no patches (kh * kw copies of each input): lax convolutions, with
+  the same values and R1 gradient as the CPU's patches @ kernel."""
+  model = disc_lib.Discriminator(image_size=32, **TINY)
+  images = _images(2, 3, 32)
+  params = jax.jit(model.init)(jax.random.key(0), images)
+
+  def r1_and_logits():  # A new function each time: no trace cached across platforms.
+    return jax.jit(lambda params: (model.apply(params, images), jax.grad(
+        lambda p: jnp.sum(jnp.square(jax.grad(lambda x: jnp.sum(model.apply(p, x)))(images))))(
+            params)))
+  on_cpu, cpu_hlo = r1_and_logits()(params), r1_and_logits().lower(params).as_text()
+  monkeypatch.setattr(layers, "target_platform", lambda: "tpu")
+  off_cpu, tpu_hlo = r1_and_logits()(params), r1_and_logits().lower(params).as_text()
+  assert "convolution" in tpu_hlo and "convolution" not in cpu_hlo
+  for a, b in zip(jax.tree.leaves(off_cpu), jax.tree.leaves(on_cpu)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-4)
 
 
 def test_equalized_lr_and_bf16():

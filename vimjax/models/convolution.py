@@ -3,8 +3,11 @@
 XLA:CPU runs convolution gradients badly: the input gradient of a strided
 convolution, the kernel gradients inside the R1 penalty's gradient of a
 gradient, and VGG's input gradients (unfused, ~32 GFLOP/s). Slices and one
-matmul have gradients that are pads and matmuls. Used by the StyleGAN
-discriminator and, on the CPU, by LPIPS' VGG (BUILD_NOTES.md, "Speed (issue 13)").
+matmul have gradients that are pads and matmuls. Used on the CPU only, by the
+StyleGAN discriminator (`conv2d`) and LPIPS' VGG (BUILD_NOTES.md, "Speed (issue
+13)"): on TPU and GPU the convolutions are native, and the patches would hold
+kh * kw copies of every input (the 256 px ViT-VQGAN GAN step needed 43 GiB per
+v4 chip with them, 23 without).
 """
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,19 @@ import jax.numpy as jnp
 from vimjax.models import layers
 
 Array = jax.Array
+
+
+def conv2d(x: Array, kernel: Array, stride: int) -> Array:
+  """VALID convolution, NHWC x HWIO: `conv_as_matmul` on the CPU, lax's elsewhere.
+
+  Both accumulate in float32 and return the operands' dtype (`layers.einsum`).
+  """
+  if layers.target_platform() == "cpu":
+    return conv_as_matmul(x, kernel, stride)
+  out = jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      preferred_element_type=jnp.float32)
+  return out.astype(jnp.result_type(x, kernel))
 
 
 def conv_as_matmul(x: Array, kernel: Array, stride: int) -> Array:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vimjax.models.convolution import conv_as_matmul
+from vimjax.models.convolution import conv2d
 
 Array = jax.Array
 
@@ -150,7 +150,7 @@ class Conv(nn.Module):
       # split on batch over two mesh axes and on channels over a third (mesh
       # 2x2x2: tests/test_strategies.py); forward values were right.
       x = nn.with_logical_constraint(x, ("activation_batch", None, None, None))
-    y = conv_as_matmul(x, kernel, stride)
+    y = conv2d(x, kernel, stride)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, (self.kernel_axes[-1],)), (self.features,),

@@ -29,6 +29,12 @@ def fits(q_len: int, kv_len: int, mask) -> bool:
   return static and q_len % LANES == 0 and kv_len % LANES == 0
 
 
+def _size(mesh, axes) -> int:
+  """The number of shards of a PartitionSpec entry (None, a name or names)."""
+  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[name] for name in names)
+
+
 def _block(length: int) -> int:
   return next(b for b in (512, 256, LANES) if length % b == 0)
 
@@ -54,7 +60,7 @@ def splash_attention(query, key, value, mask=None, causal: bool = False):
   Returns:
     [b, q, heads, head_dim] in the values' dtype.
   """
-  _, q_len, heads, _ = query.shape
+  batch, q_len, heads, _ = query.shape
   kv_len = key.shape[1]
   if not fits(q_len, kv_len, mask):
     kind = "None" if mask is None else f"{type(mask).__name__} {getattr(mask, 'shape', '')}"
@@ -69,9 +75,11 @@ def splash_attention(query, key, value, mask=None, causal: bool = False):
   if length_axes is not None or kv_axes is not None:
     raise ValueError(f"splash attention: activation length / kv sharded over "
                      f"{length_axes} / {kv_axes}; it shards over batch and heads only.")
-  names = () if heads_axes is None else (
-      (heads_axes,) if isinstance(heads_axes, str) else tuple(heads_axes))
-  head_shards = math.prod(mesh.shape[name] for name in names)
+  # Axes that do not divide their dimension (e.g. the batch of 1 that initialises
+  # the model under the mesh) are dropped: that dimension is replicated instead.
+  batch_axes = batch_axes if batch % _size(mesh, batch_axes) == 0 else None
+  heads_axes = heads_axes if heads % _size(mesh, heads_axes) == 0 else None
+  head_shards = _size(mesh, heads_axes)
   bq, bkv = _block(q_len), _block(kv_len)
   kernel = splash.make_splash_mha(
       _mask(heads, q_len, kv_len, mask, causal), head_shards=head_shards, q_seq_shards=1,
