@@ -10,6 +10,7 @@ import pytest
 
 from vimjax import convert_weights
 from vimjax import roofline
+from vimjax.models import layers
 from vimjax.models import perceptual
 
 SIZE = 32
@@ -232,7 +233,7 @@ def test_lpips_under_batch_sharding_moves_no_activations_between_devices(lpips):
 
 def test_cpu_patch_convs_equal_lax_convs(lpips, monkeypatch):
   """On the CPU the VGG convs run as patches @ kernel; same params, same distance and
-  input gradient as the nn.Conv stack other platforms run."""
+  input gradient as the lax convolutions other platforms run."""
   model, params, _ = lpips
   a, b = jnp.asarray(_images(3)), jnp.asarray(_images(4))
   distance = lambda a: jnp.sum(model.apply({"params": params}, a, b))
@@ -240,7 +241,7 @@ def test_cpu_patch_convs_equal_lax_convs(lpips, monkeypatch):
   convs = lambda: jax.jit(lambda a: distance(a)).lower(a).as_text().count(
       "stablehlo.convolution")
   assert convs() == len(perceptual.TAP_CHANNELS)  # Only the five 1x1 'lin' heads.
-  monkeypatch.setattr(perceptual.layers, "target_platform", lambda: "tpu")
+  monkeypatch.setattr(layers, "target_platform", lambda: "tpu")
   assert convs() == len(perceptual.TAP_CHANNELS) + 2 * 13  # VGG on both images.
   lax_value, lax_grad = jax.value_and_grad(distance)(a)
   np.testing.assert_allclose(value, lax_value, rtol=1e-5)

@@ -1,5 +1,7 @@
 """vimjax/models/splash.py: the Pallas TPU splash kernel, in the interpreter on CPU
 against `heads_major_attention`, on a mesh, and compiled for a TPU slice."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ def test_splash_matches_heads_major_attention(kind):
   mask = _conv_mask() if kind == "conv" else None
   causal = kind != "full"
   outs = {}
-  for name, attend in (("splash", splash.splash_attention),
+  for name, attend in (("splash", functools.partial(splash.splash_attention, interpret=True)),
                        ("xla", layers.heads_major_attention)):
     out, vjp = jax.vjp(lambda q, k, v, attend=attend: attend(q, k, v, mask, causal), q, k, v)
     outs[name] = (out, *vjp(g))
@@ -41,7 +43,8 @@ def test_splash_matches_heads_major_attention(kind):
 def test_splash_on_a_mesh_matches_one_device():
   """shard_map over batch (data) and heads (tensor): the same values and gradients."""
   q, k, v, g = _qkvg(1)
-  loss = lambda q, k, v: jnp.sum(splash.splash_attention(q, k, v, None, True) * g)
+  loss = lambda q, k, v: jnp.sum(
+      splash.splash_attention(q, k, v, None, True, interpret=True) * g)
   want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
   mesh = parallel.create_mesh(dict(data=2, fsdp=1, tensor=4), jax.devices()[:8])
   sharding = jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"), None, "tensor", None))

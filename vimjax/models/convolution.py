@@ -54,8 +54,6 @@ def conv_as_matmul(x: Array, kernel: Array, stride: int) -> Array:
              for i in range(kh) for j in range(kw)]
   patches = patches[0] if len(patches) == 1 else jnp.concatenate(patches, axis=-1)
   out = layers.einsum("bhwk,ko->bhwo", patches, kernel.reshape(kh * kw * cin, cout))
-  if layers.target_platform() == "cpu":
-    # Its gradient written out before the kernel gradient's transposing copy:
-    # XLA:CPU fused the blur's backward adds into that copy (135 ms for 8 MB).
-    out = layers.materialize_gradient(out)
-  return out
+  # Its gradient written out before the kernel gradient's transposing copy: XLA:CPU
+  # fused the blur's backward adds into that copy (135 ms for 8 MB).
+  return layers.materialize_gradient(out)

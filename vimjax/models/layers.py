@@ -543,7 +543,8 @@ class Attention(nn.Module):
     elif not use_dropout and (self.implementation == "splash" or (
         auto and target_platform() == "tpu"
         and splash.fits(query.shape[1], key.shape[1], mask))):
-      out = splash.splash_attention(query * scale, key, value, mask, causal)
+      out = splash.splash_attention(query * scale, key, value, mask, causal,
+                                    interpret=target_platform() == "cpu")
     else:  # XLA (CPU, TPU where splash does not fit) and attention dropout.
       out = heads_major_attention(query * scale, key, value, mask, causal, dropout)
     return output(out)

@@ -7,7 +7,8 @@ lengths are multiples of 128 and the mask is None (full or causal) or a NumPy
 array shared by every example; padding masks and masks computed in the traced
 program take `layers.heads_major_attention`. Under a mesh the kernel runs per
 shard (`jax.shard_map`) over the batch and heads axes that the logical axis
-rules give the activations. On CPU it runs in Pallas' interpreter (tests).
+rules give the activations. `Attention` runs it in Pallas' interpreter when
+compiling for the CPU (tests).
 """
 import math
 
@@ -49,7 +50,8 @@ def _mask(heads: int, q_len: int, kv_len: int, mask, causal: bool):
   return splash.MultiHeadMask([splash.NumpyMask(head) for head in dense])
 
 
-def splash_attention(query, key, value, mask=None, causal: bool = False):
+def splash_attention(query, key, value, mask=None, causal: bool = False, *,
+                     interpret: bool = False):
   """Softmax attention by the splash kernel.
 
   Args:
@@ -57,6 +59,7 @@ def splash_attention(query, key, value, mask=None, causal: bool = False):
     key, value: [b, k, heads, head_dim].
     mask: None, or a NumPy bool array broadcastable to [1, heads, q, k]; True = attend.
     causal: also mask keys after the query's position (self-attention, q == k).
+    interpret: run the kernel in Pallas' interpreter (any platform; the CPU's tests).
   Returns:
     [b, q, heads, head_dim] in the values' dtype.
   """
@@ -86,9 +89,7 @@ def splash_attention(query, key, value, mask=None, causal: bool = False):
       block_sizes=splash.BlockSizes(
           block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv),
-      interpret=(mesh.empty and jax.default_backend() == "cpu")
-      or (not mesh.empty and mesh.abstract_device is not None
-          and mesh.abstract_device.platform == "cpu"))
+      interpret=interpret)
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (query, key, value))
   attend = lambda kernel, q, k, v: jax.vmap(kernel)(q, k, v)
   if mesh.empty:
