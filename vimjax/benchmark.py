@@ -22,6 +22,9 @@ checkpoint) and prints one final JSON line.
                  prints the per-op time table (vimjax/perf/op_profile.py),
                  also written to PROFILE_DIR/op_breakdown.txt.
 
+The allocator the process ran with is reported ("allocator": "tcmalloc" or
+"system"; perf/allocator.py): on the CPU it moves a step by up to 20%.
+
 Start-up phases are timed too: flops_count_s (the model-FLOPs cost analysis),
 compile_s, first_step_s (the first call, blocked on).
 
@@ -58,6 +61,7 @@ from vimjax import parallel
 from vimjax import runtime
 from vimjax import tasks
 from vimjax.data import pipeline
+from vimjax.perf import allocator
 from vimjax.perf import op_profile
 from vimjax.perf import synthetic
 from vimjax.train import loop
@@ -190,6 +194,7 @@ def benchmark_train(config, *, steps: int, warmup: int, start_step: int | None =
   per_device = model_flops / num_devices
   result = {
       "mode": "train", "task": config.task, "num_devices": num_devices,
+      "allocator": allocator.loaded(),
       "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
       "global_batch_size": config.global_batch_size, "num_params": int(num_params),
       "start_step": start_step, "steps": steps, "warmup": warmup,
@@ -287,6 +292,7 @@ def benchmark_sample(config, *, repeats: int, batch_size: int,
         tokens_differing=differing)
   return _with_profile({
       "mode": "sample", "task": config.task, "num_devices": jax.device_count(),
+      "allocator": allocator.loaded(),
       "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
       "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
       "sample_batch_size": batch_size, "repeats": repeats, "paths": list(paths),

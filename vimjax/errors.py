@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 
 from vimjax import log_setup
+from vimjax.perf import allocator
 
 DEBUG_ENV = "VIMJAX_DEBUG"
 _DEBUG = flags.DEFINE_bool(
@@ -174,6 +175,11 @@ def guarded(main: Callable) -> Callable:
 
 def run(main: Callable) -> None:
   """`absl.app.run(main)` with one-line errors from flag parsing and from `main`,
-  and the libraries' INFO chatter filtered out (log_setup.py)."""
+  the libraries' INFO chatter filtered out (log_setup.py), and TCMalloc
+  preloaded where it is installed (perf/allocator.py: re-executes the binary)."""
+  try:
+    allocator.reexec_with_tcmalloc()
+  except ValueError as e:
+    _fail(one_line(e))
   log_setup.install()
   app.run(guarded(main), flags_parser=parse_flags)
