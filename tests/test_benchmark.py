@@ -15,6 +15,7 @@ from vimjax import benchmark
 from vimjax import flops
 from vimjax import tasks
 from vimjax.data import text
+from vimjax.perf import allocator
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +59,9 @@ def test_train_mode_binary_prints_the_json_line(tmp_path):
   for key in TRAIN_KEYS:
     assert result[key] > 0, key
   assert result["task"] == "tokenizer" and result["num_devices"] == 8
+  # The binary re-executed itself with TCMalloc where one is installed.
+  with_tcmalloc = allocator.find_tcmalloc() and allocator.mode() == "tcmalloc"
+  assert result["allocator"] == ("tcmalloc" if with_tcmalloc else "system")
   assert result["start_step"] == 0  # tiny has no GAN phase.
   assert result["examples_per_sec"] == pytest.approx(8 / result["step_time_s"])
   # 16 px images in 4 px patches: 16 tokens per example.
