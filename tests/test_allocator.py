@@ -39,6 +39,9 @@ def test_preload_environment_prepends_and_sets_the_guard():
   env = allocator.preload_environment({"LD_PRELOAD": "/a.so", "HOME": "/h"}, "/t.so")
   assert env["LD_PRELOAD"] == "/t.so:/a.so" and env["HOME"] == "/h"
   assert env[allocator._REEXEC_ENV] == "1"
+  assert env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == str(100 << 30)
+  kept = allocator.preload_environment({"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "5"}, "/t.so")
+  assert kept["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "5"
   assert allocator.preload_environment({}, "/t.so")["LD_PRELOAD"] == "/t.so"
 
 
