@@ -19,8 +19,6 @@ import ctypes.util
 import os
 import sys
 
-from absl import logging
-
 MODE_ENV = "VIMJAX_MALLOC"          # "tcmalloc" (default) or "system".
 LIBRARY_ENV = "VIMJAX_TCMALLOC"     # Path of the library, overriding the search.
 _REEXEC_ENV = "VIMJAX_MALLOC_REEXEC"  # Set in the re-executed process: never twice.
@@ -83,9 +81,7 @@ def reexec_with_tcmalloc() -> None:
       or os.environ.get(_REEXEC_ENV) or loaded() == "tcmalloc"):
     return
   library = find_tcmalloc()
-  if library is None:
-    logging.info("No TCMalloc library found (apt-get install libtcmalloc-minimal4); "
-                 "XLA:CPU steps run with the system malloc.")
+  if library is None:  # The system malloc, as before (the benchmark reports it).
     return
   sys.stdout.flush()
   sys.stderr.flush()
