@@ -229,6 +229,27 @@ def test_materialize_gradient_is_the_identity_behind_a_conditional():
   assert " conditional(" in hlo, "XLA folded the gradient barrier away"
 
 
+def test_materialize_gradient_holds_in_a_gradient_of_a_gradient():
+  """R1-shaped second order (the gradient of a squared input gradient, taken
+  w.r.t. a weight): values equal the plain function's, and the outer backward
+  pass through the forward also routes through a conditional (without it,
+  XLA:CPU fused a 13-way cotangent sum into three consumers, BUILD_NOTES.md)."""
+  w, x = _x((4, 4), 5), _x((3, 4), 6)
+
+  def r1(w, barrier):
+    def f(x):
+      h = jnp.tanh(x @ w)
+      return jnp.sum(jnp.sin((barrier(h) @ w)))
+    return jnp.sum(jnp.square(jax.grad(f)(x)))
+
+  with_barrier = jax.grad(r1)(w, layers.materialize_gradient)
+  np.testing.assert_allclose(with_barrier, jax.grad(r1)(w, lambda h: h), rtol=1e-6)
+  hlo = jax.jit(jax.grad(lambda w: r1(w, layers.materialize_gradient))).lower(w).as_text()
+  # The inner backward's, the outer backward's through it, and the outer
+  # backward's through the forward pass (the one the fwd rule's self-call adds).
+  assert hlo.count("stablehlo.case") + hlo.count(" conditional(") >= 3, hlo.count("case")
+
+
 def test_transformer_block_gradients_same_with_and_without_barriers(monkeypatch):
   """The CPU's gradient barriers change no gradient (a platform without them is the
   reference), and the platform is read from the mesh in context."""

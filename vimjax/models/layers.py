@@ -198,7 +198,9 @@ def materialize_gradient(x):
 
 
 def _materialize_gradient_fwd(x):
-  return x, None
+  # Through the function itself: a gradient differentiated again (R1's gradient of
+  # a gradient) meets the same rule on the forward pass it differentiates.
+  return materialize_gradient(x), None
 
 
 def _materialize_gradient_bwd(_, g):
