@@ -1,12 +1,16 @@
 r"""JAX_PLATFORMS=cpu python benchmarks/micro_attention.py
 
+(With TCMalloc, as the binaries run: `LD_PRELOAD=libtcmalloc_minimal.so.4
+JAX_PLATFORMS=cpu python benchmarks/micro_attention.py`; fifth round.)
+
 The attention and decode micro-benchmarks behind BUILD_NOTES.md, "Speed
 (issue 13)", second round:
 - training attention, forward and forward + backward, at the tokenizer's and
   Parti's shapes: `jax.nn.dot_product_attention` against
   `layers.heads_major_attention`;
+- QK^T alone at the tokenizer's shapes, in the layouts tried (fifth round);
 - 256 steps x 16 chained small-M ([8, 512] x [512, 2048] and back) dots, float32
-  against bfloat16 weights (second round);
+  against bfloat16 weights (second round), and float32 at 1-16 rows (fifth round);
 - the weight matmuls of a Parti decode step at the issue's dims (8 layers: q, k,
   v, out, cross q, cross out, MLP in and out; 114 MB of float32), 256 steps at
   4 and 8 rows: float32, bfloat16 with a bfloat16 output, and bfloat16
@@ -39,8 +43,23 @@ def training_attention():
     print("  ".join(row), flush=True)
 
 
-def small_m_dots(rows=8):
-  for dtype in (jnp.float32, jnp.bfloat16):
+def qk_layouts():
+  """QK^T at the tokenizer's shapes: [16, 8, 256, 32] x [16, 8, 256, 32] -> [.., 256, 256]."""
+  q, k = (jax.random.normal(jax.random.key(i), (16, 8, 256, 32)) for i in range(2))
+  layouts = {
+      "bhqd,bhkd": lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k),
+      "bhqd,bhdk": lambda q, k: jnp.einsum("bhqd,bhdk->bhqk", q, jnp.swapaxes(k, 2, 3)),
+      "flat batch": lambda q, k: jnp.einsum("nqd,nkd->nqk", q.reshape(128, 256, 32),
+                                            k.reshape(128, 256, 32)),
+      "lax.map": lambda q, k: jax.lax.map(
+          lambda qk: jnp.einsum("hqd,hkd->hqk", *qk), (q, k))}
+  print("QK^T alone: " + "  ".join(
+      f"{name} {milliseconds_per_call(jax.jit(fn), q, k, repeats=10):5.2f}"
+      for name, fn in layouts.items()), flush=True)
+
+
+def small_m_dots(rows=8, dtypes=(jnp.float32, jnp.bfloat16)):
+  for dtype in dtypes:
     weights = [(jax.random.normal(jax.random.key(i), (512, 2048)).astype(dtype) * 0.02,
                 jax.random.normal(jax.random.key(9 + i), (2048, 512)).astype(dtype) * 0.02)
                for i in range(8)]
@@ -52,7 +71,8 @@ def small_m_dots(rows=8):
       return jax.lax.fori_loop(0, 256, step, x)
     x = jax.random.normal(jax.random.key(0), (rows, 512)).astype(dtype)
     ms = milliseconds_per_call(jax.jit(loop), x, weights)
-    print(f"small-M dots, {jnp.dtype(dtype).name}: {ms:7.1f} ({ms / 4096 * 1e3:.0f} us/dot)",
+    print(f"small-M dots, {rows} rows, {jnp.dtype(dtype).name}: {ms:7.1f} "
+          f"({ms / 4096 * 1e3:.0f} us/dot)",
           flush=True)
 
 
@@ -90,5 +110,8 @@ def decode_step_dots():
 
 if __name__ == "__main__":
   training_attention()
+  qk_layouts()
   small_m_dots()
+  for rows in (1, 2, 4, 16):
+    small_m_dots(rows, dtypes=(jnp.float32,))
   decode_step_dots()

@@ -23,9 +23,6 @@ MODE_ENV = "VIMJAX_MALLOC"          # "tcmalloc" (default) or "system".
 LIBRARY_ENV = "VIMJAX_TCMALLOC"     # Path of the library, overriding the search.
 _REEXEC_ENV = "VIMJAX_MALLOC_REEXEC"  # Set in the re-executed process: never twice.
 MODES = ("tcmalloc", "system")
-_CANDIDATES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
-_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
-             "/usr/lib", "/usr/local/lib")
 
 
 def mode(environ=os.environ) -> str:
@@ -36,20 +33,15 @@ def mode(environ=os.environ) -> str:
 
 
 def find_tcmalloc(environ=os.environ) -> str | None:
-  """Path of an installed TCMalloc shared library, or None."""
+  """An installed TCMalloc shared library (a path, or a soname the loader finds), or None."""
   named = environ.get(LIBRARY_ENV)
   if named:
     if not os.path.isfile(named):
       raise ValueError(f"${LIBRARY_ENV}={named!r} is not a file (a TCMalloc shared library, "
                        "e.g. /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4).")
     return named
-  for directory in _LIB_DIRS:
-    for name in _CANDIDATES:
-      path = os.path.join(directory, name)
-      if os.path.isfile(path):
-        return path
-  for name in ("tcmalloc_minimal", "tcmalloc"):
-    found = ctypes.util.find_library(name)  # A bare soname: the loader resolves it.
+  for name in ("tcmalloc_minimal", "tcmalloc"):  # The loader's cache (ldconfig).
+    found = ctypes.util.find_library(name)
     if found:
       return found
   return None
