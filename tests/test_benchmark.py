@@ -130,13 +130,22 @@ def test_synthetic_batches_match_the_task_inputs():
 
 @pytest.mark.parametrize("family", ["vim", "parti"])
 def test_sample_mode_cached_and_uncached_agree(family):
-  config = _stage2(family)  # Parti: guidance 1.2 (its config's default), throwaway vocab.
+  # Parti: guidance 1.2 (its config's default), throwaway vocab. In float32 the two
+  # paths agree exactly (bfloat16, the configs' default, rounds them apart).
+  config = _stage2(family, **{"sampling.dtype": "float32"})
   result = benchmark.run(config, mode="sample", steps=1, warmup=0, sample_batch_size=8)
-  assert result["tokens_identical"] is True and result["tokens_differing"] == 0  # float32
+  assert result["tokens_identical"] is True and result["tokens_differing"] == 0
+  assert result["sampling_dtype"] == "float32"
   assert result["sec_per_image_cached"] > 0 and result["sec_per_image_uncached"] > 0
   assert result["speedup"] == pytest.approx(
       result["sec_per_image_uncached"] / result["sec_per_image_cached"])
   assert result["tokens_per_image"] == 16 and result["num_devices"] == jax.device_count()
+
+
+def test_sample_mode_reports_the_configs_bfloat16_decode():
+  result = benchmark.run(_stage2("parti"), mode="sample", steps=1, warmup=0,
+                         sample_batch_size=4, paths=("cached",))
+  assert result["sampling_dtype"] == "bfloat16" and result["sec_per_image_cached"] > 0
 
 
 def test_bad_mode_and_task_fail_clearly():

@@ -42,7 +42,7 @@ ENUMS = {"task": tuple(tasks.TASKS), "model.quantizer": ("factorized", "fsq"),
          "model.dtype": config_lib.COMPUTE_DTYPES, "model.param_dtype": ("float32", "bfloat16"),
          "model.remat_policy": ("none", "dots", "full"), "optimizer.name": (),
          "disc_optimizer.name": (), "optimizer.schedule": (), "disc_optimizer.schedule": (),
-         "model.output": ()}
+         "model.output": (), "sampling.dtype": ("float32", "bfloat16")}
 
 
 def _leaves(config, prefix=""):

@@ -205,6 +205,38 @@ def test_unconditional_vim_sampling():
   np.testing.assert_array_equal(cached, run(False))
 
 
+def test_bfloat16_sampling_casts_the_params_once_and_decodes_in_bfloat16(parti):
+  """dtype="bfloat16": the weights are cast before the decode loops (one f32 -> bf16
+  convert per kernel in the whole program), every step's matmuls take bf16 weights,
+  and the greedy tokens are the argmax of a bfloat16 full forward over them."""
+  model, _, params = parti
+  run = lambda **kw: sampling.sample_parti(model, params, TEXT, rng=jax.random.key(0),
+                                           temperature=0.0, cfg_scale=2.0, **kw)
+  wi = f"{D}x{model.mlp_dim}"  # The MLP input kernels' shape.
+  kernels = sum(x.shape == (D, model.mlp_dim) for x in jax.tree.leaves(params))
+  bf16, f32 = run(dtype="bfloat16", lower=True).as_text(), run(lower=True).as_text()
+  assert bf16.count(f"(tensor<{wi}xf32>) -> tensor<{wi}xbf16>") == kernels == 3
+  dots = lambda hlo: [l for l in hlo.splitlines() if "stablehlo.dot_general" in l]
+  assert any(f"tensor<{wi}xbf16>" in l for l in dots(bf16))
+  assert not any(f"tensor<{wi}xf32>" in l for l in dots(bf16))
+  assert any(f"tensor<{wi}xf32>" in l for l in dots(f32)) and "bf16" not in f32
+
+  tokens = np.asarray(run(dtype="bfloat16"))
+  cast = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  bf16_model = model.clone(dtype=jnp.bfloat16)
+  forward = lambda drop: np.asarray(bf16_model.apply(
+      {"params": cast}, jnp.asarray(TEXT), jnp.asarray(tokens), train=False,
+      drop_condition=jnp.full((B,), drop)), np.float32)
+  cond, uncond = forward(False), forward(True)
+  guided = uncond + 2.0 * (cond - uncond)
+  chosen = np.take_along_axis(guided, tokens[..., None], -1)[..., 0]
+  # The argmax up to bfloat16 rounding (cached steps and the full forward round apart).
+  np.testing.assert_array_less(guided.max(-1) - chosen, 0.1)
+  assert (tokens == guided.argmax(-1)).mean() > 0.9
+  with pytest.raises(ValueError, match=r"dtype='float16'; valid: \('float32', 'bfloat16'\)"):
+    run(dtype="float16")
+
+
 @pytest.mark.parametrize("segments", [1, 3, N + 2])
 def test_cache_segments_give_the_same_tokens(vim, parti, segments):
   """Any number of decode loops (more than tokens too) draws the default's tokens."""

@@ -60,7 +60,8 @@ def test_config_keys_and_lock(family, variant):
     config_lib._get(config, key)  # pylint: disable=protected-access
   assert set(config.optimizer) == set(vitvqgan.get_config("tiny").optimizer)
   assert set(config.sampling) == {"temperature", "top_k", "top_p", "cfg_scale", "use_cache",
-                                  "cache_segments"}
+                                  "cache_segments", "dtype"}
+  assert config.sampling.dtype == "bfloat16"
   assert config.data.source.startswith("array_record:")
   with pytest.raises(AttributeError):
     config.not_a_key = 1

@@ -297,6 +297,8 @@ def benchmark_sample(config, *, repeats: int, batch_size: int,
       "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
       "sample_batch_size": batch_size, "repeats": repeats, "paths": list(paths),
       "tokens_per_image": model.num_tokens, "cfg_scale": float(config.sampling.cfg_scale),
+      "sampling_dtype": jnp.dtype(task.sampling_settings(config)["dtype"]
+                                  or config.model.dtype).name,
       **result}, profile)
 
 

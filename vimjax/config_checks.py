@@ -8,6 +8,7 @@ the value and what is valid.
 """
 import math
 
+from vimjax import sampling
 from vimjax.models import vit_vqgan
 from vimjax.train import optimizers
 
@@ -39,6 +40,7 @@ ENUMS = {
     "optimizer.name": optimizers.OPTIMIZERS,
     "optimizer.schedule": optimizers.SCHEDULES,
     "model.output": vit_vqgan.OUTPUTS,
+    "sampling.dtype": sampling.DTYPES,
 }
 BOOLS = frozenset(("scan_layers", "restart_dead_codes", "use_cache", "skip_nonfinite_updates"))
 

@@ -12,6 +12,9 @@ Random draws depend only on (rng, position): step i samples with
 Classifier-free guidance runs the conditional and unconditional rows as one
 batch of 2b rows and combines their logits with `guided_logits`.
 Filter order per step: guidance -> temperature -> top-k -> top-p.
+The decode computes in `dtype` (config.sampling.dtype): in bfloat16 the floating
+params are cast once per call, before the loop, so each step streams half the
+weight bytes (LayerNorm and the logits still compute in float32).
 Nothing in the loop syncs with the host, so it runs unchanged on sharded
 params/inputs under a mesh.
 """
@@ -27,6 +30,8 @@ _NEG_INF = -jnp.inf
 # Decode loops per cached sampling call (`_decode_loop`): the steps of loop s of S
 # read a cache of (s + 1) / S of the positions, (S + 1) / 2S of it on average.
 CACHE_SEGMENTS = 4
+# Compute dtypes a sampler decodes in (config.sampling.dtype; None = the model's).
+DTYPES = ("float32", "bfloat16")
 
 
 def apply_temperature(logits, temperature):
@@ -125,6 +130,25 @@ def _decode_loop(step_logits, state, num_tokens, batch, rng, temperature, top_k,
   return tokens[:batch]
 
 
+def _in_dtype(model, dtype):
+  """`model` computing in `dtype` (None or its own: unchanged)."""
+  if dtype is None:
+    return model
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r}; valid: {DTYPES} (None = the model's dtype).")
+  return model.clone(dtype=jnp.dtype(dtype))
+
+
+def _params_in(params, dtype):
+  """Floating params wider than `dtype` cast to it (inside the jitted call, before
+  the decode loop: the cast runs once per call, not per step)."""
+  def cast(p):
+    if jnp.issubdtype(p.dtype, jnp.floating) and p.dtype.itemsize > jnp.dtype(dtype).itemsize:
+      return p.astype(dtype)
+    return p
+  return jax.tree.map(cast, params)
+
+
 def _check(num_tokens, temperature, top_k, top_p, cache_segments):
   if num_tokens < 1:
     raise ValueError(f"num_tokens={num_tokens} must be >= 1.")
@@ -147,7 +171,7 @@ def _sample_vim(model, params, labels, rng, temperature, top_p, cfg_scale, *, nu
   batch = labels.shape[0]
   if guided:
     labels = jnp.concatenate([labels, jnp.full_like(labels, model.null_label)])
-  variables = {"params": params}
+  variables = {"params": _params_in(params, model.dtype)}
   apply_labels = None if model.num_classes == 0 else labels
   dummy = jnp.zeros((labels.shape[0], num_tokens), jnp.int32)
 
@@ -175,7 +199,8 @@ def _sample_vim(model, params, labels, rng, temperature, top_p, cfg_scale, *, nu
 def sample_vim(model: transformer.VIM, params, labels, *, rng, num_tokens: int | None = None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                cfg_scale: float = 1.0, use_cache: bool = True, batch_size: int | None = None,
-               cache_segments: int = CACHE_SEGMENTS, lower: bool = False):
+               cache_segments: int = CACHE_SEGMENTS, dtype: str | None = None,
+               lower: bool = False):
   """Samples image tokens from VIM.
 
   Args:
@@ -195,11 +220,14 @@ def sample_vim(model: transformer.VIM, params, labels, *, rng, num_tokens: int |
     cache_segments: the cached decode runs in this many loops, each with a KV
       cache only as long as the positions it reaches (steps read less of it;
       each loop compiles its own step). 1 = one loop over the full cache.
+    dtype: the decode's compute dtype, one of DTYPES (None = the model's); params
+      wider than it are cast to it once per call.
     lower: return the `jax.stages.Lowered` call instead (to compile it ahead of
       time or read its HLO); the same jit cache entry as the sampling call.
   Returns:
     tokens [b, num_tokens] int32.
   """
+  model = _in_dtype(model, dtype)
   num_tokens = model.num_tokens if num_tokens is None else int(num_tokens)
   if num_tokens > model.num_tokens:
     raise ValueError(f"num_tokens={num_tokens} exceeds the model's grid_h * grid_w = "
@@ -227,7 +255,7 @@ def sample_vim(model: transformer.VIM, params, labels, *, rng, num_tokens: int |
 def _sample_parti(model, params, text_ids, rng, temperature, top_p, cfg_scale, *, top_k,
                   guided, greedy, use_top_p, use_cache, cache_segments):
   batch = text_ids.shape[0]
-  variables = {"params": params}
+  variables = {"params": _params_in(params, model.dtype)}
   drop = jnp.zeros((batch,), bool)
   if guided:  # Conditional rows first, then the same texts dropped to the null context.
     text_ids = jnp.concatenate([text_ids, text_ids])
@@ -262,7 +290,8 @@ def _sample_parti(model, params, text_ids, rng, temperature, top_p, cfg_scale, *
 def sample_parti(model: transformer.Parti, params, text_ids, *, rng,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  cfg_scale: float = 1.0, use_cache: bool = True,
-                 cache_segments: int = CACHE_SEGMENTS, lower: bool = False):
+                 cache_segments: int = CACHE_SEGMENTS, dtype: str | None = None,
+                 lower: bool = False):
   """Samples grid_h * grid_w image tokens per text from Parti.
 
   Args:
@@ -273,11 +302,11 @@ def sample_parti(model: transformer.Parti, params, text_ids, *, rng,
     temperature, top_k, top_p: as in `sample_vim`.
     cfg_scale: classifier-free guidance scale (Parti: 1.2; 1.0 = off).
     use_cache: KV-cache decoding; False recomputes the full forward each step.
-    cache_segments: as in `sample_vim`.
-    lower: as in `sample_vim`.
+    cache_segments, dtype, lower: as in `sample_vim`.
   Returns:
     tokens [b, grid_h * grid_w] int32.
   """
+  model = _in_dtype(model, dtype)
   _check(model.num_tokens, temperature, top_k, top_p, cache_segments)
   call = _sample_parti.lower if lower else _sample_parti
   return call(model, params, jnp.asarray(text_ids, jnp.int32), rng,

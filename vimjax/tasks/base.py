@@ -130,7 +130,7 @@ def abstract_params(model, init_args: tuple) -> dict:
 
 
 def sampling_settings(config, *, cfg_scale=None, temperature=None, top_k=None, top_p=None,
-                      use_cache=None) -> dict[str, Any]:
+                      use_cache=None, dtype=None) -> dict[str, Any]:
   """config.sampling, each value replaced by its override when that is not None."""
   s = config.sampling
   pick = lambda value, default: default if value is None else value
@@ -138,8 +138,10 @@ def sampling_settings(config, *, cfg_scale=None, temperature=None, top_k=None, t
               temperature=float(pick(temperature, s.temperature)),
               top_k=int(pick(top_k, s.top_k)), top_p=float(pick(top_p, s.top_p)),
               use_cache=bool(pick(use_cache, s.use_cache)),
-              # Absent from configs saved before it existed (a workdir's config.json).
-              cache_segments=int(s.get("cache_segments", sampling.CACHE_SEGMENTS)))
+              # Absent from configs saved before they existed (a workdir's config.json):
+              # then the default, and the model's own dtype.
+              cache_segments=int(s.get("cache_segments", sampling.CACHE_SEGMENTS)),
+              dtype=pick(dtype, s.get("dtype")))
 
 
 def exists(path: str) -> bool:
