@@ -487,3 +487,22 @@ def test_bf16_compute_keeps_float32_params():
   params = _init(mod, x, deterministic=True)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.meta.unbox(params)))
   assert _apply(mod, params, x, deterministic=True).dtype == jnp.bfloat16
+
+
+def test_bf16_compute_runs_every_matmul_and_kv_cache_in_bf16():
+  """dtype=bfloat16 reaches every projection (q, k, v once computed in param_dtype
+  because dtype was passed positionally) and the decode caches."""
+  mod = _stack(dtype=jnp.bfloat16, cross_attention=True, cache_cross_attention=True)
+  x, encoded = _x((B, L, D)), _x((B, 3, D), seed=1)
+  params = _init(mod, x, encoded, deterministic=True)
+  hlo = jax.jit(functools.partial(mod.apply, deterministic=True)).lower(
+      params, x, encoded).as_text()
+  operands = [line.split(": (")[1].split(") ->")[0] for line in hlo.splitlines()
+              if "stablehlo.dot_general" in line]
+  assert len(operands) >= 2 * (4 + 4 + 2 + 2)  # q k v out, cross q k v out, mlp; attention.
+  assert all("bf16" in o and "f32" not in o for o in operands), operands
+  _, cache = jax.jit(functools.partial(mod.apply, deterministic=True, decode=True,
+                                       mutable=["cache"]))(params, x, encoded)
+  kv = [v for path, v in jax.tree_util.tree_leaves_with_path(cache)
+        if "cached_" in jax.tree_util.keystr(path)]
+  assert len(kv) == 2 * 2 * 2 and all(v.dtype == jnp.bfloat16 for v in kv)

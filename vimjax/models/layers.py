@@ -260,8 +260,9 @@ class _Projection(nn.Module):
   num_in_axes: int  # leading kernel axes contracted with x (fan-in)
   equation: str
   # x's trailing num_in_axes axes and the kernel's leading ones are flattened
-  # into one `dense_matmul` (the einsum must contract exactly those). For the
-  # output projection, whose gradient is the residual stream's.
+  # into one `dense_matmul` (the einsum must contract exactly those): its kernel
+  # gradient reads the output gradient in place (the output projection's is the
+  # residual stream's).
   flatten: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -463,9 +464,11 @@ class Attention(nn.Module):
       [b, q, embed] in `dtype`.
     """
     def proj(x, name):
+      # By keyword: positionally, dtype once landed in `flatten` and q/k/v then
+      # computed in param_dtype (float32 in bfloat16 configs; issue 13, sixth round).
       return _Projection((x.shape[-1], self.num_heads, self.head_dim),
-                         ("embed", "heads", "kv"), 1, "bld,dhk->blhk", self.dtype,
-                         self.param_dtype, name=name)(x)
+                         ("embed", "heads", "kv"), 1, "bld,dhk->blhk", flatten=True,
+                         dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
     # [b, l, heads, kv] activations split over heads like their kernels (Megatron).
     split_heads = lambda x: nn.with_logical_constraint(
         x, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
