@@ -14,7 +14,10 @@ The attention and decode micro-benchmarks behind BUILD_NOTES.md, "Speed
 - the weight matmuls of a Parti decode step at the issue's dims (8 layers: q, k,
   v, out, cross q, cross out, MLP in and out; 114 MB of float32), 256 steps at
   4 and 8 rows: float32, bfloat16 with a bfloat16 output, and bfloat16
-  accumulated into a float32 output (`layers.einsum`; third round).
+  accumulated into a float32 output (`layers.einsum`; third round);
+- the attention matmul's NT / NN / TN forms at the tokenizer's shapes, and the
+  attention's forward + backward with two hand-written backward passes (sixth
+  round: `dot_forms`, `attention_backward_designs`).
 Milliseconds per call.
 """
 import jax
@@ -108,6 +111,120 @@ def decode_step_dots():
     print("  ".join(row), flush=True)
 
 
+def dot_forms(sets=6):
+  """The attention matmul's three forms at the tokenizer's shapes, each over `sets`
+  distinct operand sets chained through a scalar (nothing cached or dropped):
+  NT (Q K^T; dP = dO V^T), NN (P V; dQ = dS K), TN (dV = P^T dO; dK = dS^T Q),
+  and TN written transposed (dO^T P). Run under XLA_FLAGS to compare libraries
+  (sixth round)."""
+  b, h, length, d = 16, 8, 256, 32
+  key = iter(jax.random.split(jax.random.key(0), 3 * sets))
+  big = [jax.random.normal(next(key), (b, h, length, length)) for _ in range(sets)]
+  small = [jax.random.normal(next(key), (b, h, length, d)) for _ in range(sets)]
+  other = [jax.random.normal(next(key), (b, h, length, d)) for _ in range(sets)]
+  forms = {"NT bhqd,bhkd->bhqk": lambda s, o, p: jnp.einsum("bhqd,bhkd->bhqk", s, o),
+           "NN bhqk,bhkd->bhqd": lambda s, o, p: jnp.einsum("bhqk,bhkd->bhqd", p, s),
+           "TN bhqk,bhqd->bhkd": lambda s, o, p: jnp.einsum("bhqk,bhqd->bhkd", p, s),
+           "TN as bhqd,bhqk->bhdk": lambda s, o, p: jnp.einsum("bhqd,bhqk->bhdk", s, p)}
+  row = []
+  for name, form in forms.items():
+    def chain(big, small, other, form=form):
+      acc = 0.0
+      for p, s, o in zip(big, small, other):
+        acc = acc + form(s + acc, o, p)[0, 0, 0, 0] * 1e-9
+      return acc
+    ms = milliseconds_per_call(jax.jit(chain), big, small, other, repeats=5) / sets
+    row.append(f"{name} {ms:5.2f} ms ({2 * b * h * length * length * d / ms / 1e6:3.0f} GFLOP/s)")
+  print("attention dot forms: " + "  ".join(row), flush=True)
+
+
+def _probabilities_and_output(q, k, v):
+  """[n, l, d] -> (unnormalised exp(s - max), row sums, output, logsumexp)."""
+  s = jnp.einsum("nqd,nkd->nqk", q, k)
+  m = jax.lax.stop_gradient(jnp.max(s, -1, keepdims=True))
+  u = jnp.exp(s - m)
+  t = jnp.sum(u, -1, keepdims=True)
+  return u, t, jnp.einsum("nqk,nkd->nqd", u, v) / t, m + jnp.log(t)
+
+
+@jax.custom_vjp
+def _saved_u_attention(q, k, v):
+  return _probabilities_and_output(q, k, v)[2]
+
+
+def _saved_u_fwd(q, k, v):
+  u, t, o, _ = _probabilities_and_output(q, k, v)
+  return o, (q, k, v, o, u, t)
+
+
+def _saved_u_bwd(res, do):
+  """The softmax backward's row sum taken over [n, q, d] (sum dO * O), not [n, q, k]."""
+  q, k, v, o, u, t = res
+  g = do / t
+  ds = u * (jnp.einsum("nqd,nkd->nqk", g, v) - jnp.sum(do * o, -1, keepdims=True) / t)
+  return (jnp.einsum("nqk,nkd->nqd", ds, k), jnp.einsum("nqk,nqd->nkd", ds, q),
+          jnp.einsum("nqk,nqd->nkd", u, g))
+
+
+_saved_u_attention.defvjp(_saved_u_fwd, _saved_u_bwd)
+
+
+def _chunked_attention(q, k, v, rows=8):
+  """Flash-style: lax.map over `rows` (batch x head) rows at a time, so a chunk's
+  [rows, l, l] probabilities stay in cache; saves logsumexp, recomputes them."""
+  chunk = lambda x: x.reshape(-1, rows, *x.shape[1:])
+  unchunk = lambda x: x.reshape(-1, *x.shape[2:])
+
+  @jax.custom_vjp
+  def attend(q, k, v):
+    return fwd(q, k, v)[0]
+
+  def fwd(q, k, v):
+    o, lse = jax.lax.map(lambda a: _probabilities_and_output(*a)[2:], tuple(map(chunk, (q, k, v))))
+    return unchunk(o), (q, k, v, unchunk(o), unchunk(lse))
+
+  def bwd_chunk(q, k, v, o, lse, do):
+    p = jnp.exp(jnp.einsum("nqd,nkd->nqk", q, k) - lse)
+    ds = p * (jnp.einsum("nqd,nkd->nqk", do, v) - jnp.sum(do * o, -1, keepdims=True))
+    return (jnp.einsum("nqk,nkd->nqd", ds, k), jnp.einsum("nqk,nqd->nkd", ds, q),
+            jnp.einsum("nqk,nqd->nkd", p, do))
+
+  def bwd(res, do):
+    out = jax.lax.map(lambda a: bwd_chunk(*a), tuple(map(chunk, res + (do,))))
+    return tuple(map(unchunk, out))
+
+  attend.defvjp(fwd, bwd)
+  return attend(q, k, v)
+
+
+def attention_backward_designs(layers_chained=4):
+  """Forward + backward of the tokenizer's attention ([16, 256, 8, 32]) per layer,
+  `layers_chained` dependent layers on distinct inputs: heads_major_attention
+  (autodiff) against the two hand-written backward passes tried in the sixth
+  round (not landed): the row sum over dO * O with U saved, and flash-style chunks."""
+  b, length, heads, d = 16, 256, 8, 32
+  heads_first = lambda core: lambda q, k, v: core(*(
+      x.transpose(0, 2, 1, 3).reshape(b * heads, length, d) for x in (q, k, v))).reshape(
+          b, heads, length, d).transpose(0, 2, 1, 3)
+  designs = {"heads_major_attention": layers.heads_major_attention,
+             "saved U, row sum over dO*O": heads_first(_saved_u_attention),
+             "chunked (flash-style)": heads_first(_chunked_attention)}
+  inputs = [tuple(jax.random.normal(jax.random.key(3 * i + j), (b, length, heads, d)) / 3
+                  for j in range(3)) for i in range(layers_chained)]
+  g = jax.random.normal(jax.random.key(99), (b, length, heads, d))
+  row = []
+  for name, attend in designs.items():
+    grad = jax.grad(lambda q, k, v, attend=attend: jnp.sum(attend(q, k, v) * g), (0, 1, 2))
+    def chain(inputs, grad=grad):
+      acc = 0.0
+      for q, k, v in inputs:
+        acc = acc + sum(x[0, 0, 0, 0] for x in grad(q + acc, k, v))
+      return acc
+    ms = milliseconds_per_call(jax.jit(chain), inputs, repeats=5) / layers_chained
+    row.append(f"{name} {ms:5.1f}")
+  print("attention fwd+bwd, ms per layer: " + "  ".join(row), flush=True)
+
+
 if __name__ == "__main__":
   training_attention()
   qk_layouts()
@@ -115,3 +232,5 @@ if __name__ == "__main__":
   for rows in (1, 2, 4, 16):
     small_m_dots(rows, dtypes=(jnp.float32,))
   decode_step_dots()
+  dot_forms()
+  attention_backward_designs()

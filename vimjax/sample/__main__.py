@@ -8,7 +8,8 @@ tokens with the stage-1 tokenizer its config names (`tokenizer_workdir`).
   Both:  --num_samples=N per prompt / class, --cfg_scale, --temperature,
          --top_k, --top_p (defaults: the workdir's config.sampling), --seed,
          --no_cache (the uncached reference path: same seed, same tokens in
-         float32; bfloat16 rounding can flip a near-tie token),
+         float32, --config.sampling.dtype=float32; in bfloat16, the configs'
+         default, rounding can flip a near-tie token),
          --batch_size (images per sampling call, 0 = all), --warmup.
   Parti reranking (as Parti: 16 samples per prompt, reranked by a contrastive
   model): --rerank_workdir=W (a `task: contrastive` run, configs/contrastive.py)
