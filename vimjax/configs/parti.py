@@ -122,7 +122,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       cache_segments=4,
       # The decode's compute dtype: bfloat16 casts the params once per call and
       # halves the weight bytes a step streams (float32-trained tiny models too:
-      # CPU sampling 0.79 -> 0.54 s/image; BUILD_NOTES.md "Sampling in bfloat16").
+      # Parti at issue 13's dims, 0.77-0.84 -> 0.53-0.59 s/image on the CPU;
+      # BUILD_NOTES.md "Sixth round: sampling in bfloat16").
       dtype="bfloat16"))
 
   # Paper: Adafactor b=(0.9, 0.96), lr 4.5e-5 after a 5k warm-up, exponential
