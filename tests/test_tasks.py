@@ -78,6 +78,18 @@ def test_unconditional_vim_samples_without_guidance():
   assert labels.min() >= 0 and labels.max() < 10
 
 
+def test_sampling_settings_carry_the_decode_dtype():
+  config = _config("parti")
+  task = tasks.get(config)
+  assert task.sampling_settings(config)["dtype"] == "bfloat16"
+  assert task.sampling_settings(config, dtype="float32")["dtype"] == "float32"
+  with config.unlocked():
+    del config.sampling["dtype"]  # A workdir's config.json from before the key.
+  assert task.sampling_settings(config)["dtype"] is None  # The model's dtype.
+  with pytest.raises(ValueError, match=r"sampling.dtype='float16'; valid: \('float32', "):
+    task.sampling_settings(config, dtype="float16")
+
+
 def test_tokenizer_phases_split_at_the_gan_start():
   config = vitvqgan.get_config("tiny")
   with config.unlocked():

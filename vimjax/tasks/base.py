@@ -134,6 +134,9 @@ def sampling_settings(config, *, cfg_scale=None, temperature=None, top_k=None, t
   """config.sampling, each value replaced by its override when that is not None."""
   s = config.sampling
   pick = lambda value, default: default if value is None else value
+  dtype = pick(dtype, s.get("dtype"))
+  if dtype is not None and dtype not in sampling.DTYPES:
+    raise ValueError(f"sampling.dtype={dtype!r}; valid: {sampling.DTYPES}.")
   return dict(cfg_scale=float(pick(cfg_scale, s.cfg_scale)),
               temperature=float(pick(temperature, s.temperature)),
               top_k=int(pick(top_k, s.top_k)), top_p=float(pick(top_p, s.top_p)),
@@ -141,7 +144,7 @@ def sampling_settings(config, *, cfg_scale=None, temperature=None, top_k=None, t
               # Absent from configs saved before they existed (a workdir's config.json):
               # then the default, and the model's own dtype.
               cache_segments=int(s.get("cache_segments", sampling.CACHE_SEGMENTS)),
-              dtype=pick(dtype, s.get("dtype")))
+              dtype=dtype)
 
 
 def exists(path: str) -> bool:
