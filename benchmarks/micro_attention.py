@@ -17,9 +17,12 @@ The attention and decode micro-benchmarks behind BUILD_NOTES.md, "Speed
   accumulated into a float32 output (`layers.einsum`; third round);
 - the attention matmul's NT / NN / TN forms at the tokenizer's shapes, and the
   attention's forward + backward with two hand-written backward passes (sixth
-  round: `dot_forms`, `attention_backward_designs`).
+  round: `dot_forms`, `attention_backward_designs`), and a square matmul in
+  float32 against bfloat16 (`square_matmul_dtypes`).
 Milliseconds per call.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -147,23 +150,34 @@ def _probabilities_and_output(q, k, v):
   return u, t, jnp.einsum("nqk,nkd->nqd", u, v) / t, m + jnp.log(t)
 
 
-@jax.custom_vjp
-def _saved_u_attention(q, k, v):
+def _input_grads(p, g, row_sum, q, k, v, transposed):
+  """dQ, dK, dV from probabilities p (or unnormalised U, with g and row_sum scaled
+  to match): dS = p * (g V^T - row_sum). `transposed`: dK and dV as (Q^T dS)^T and
+  (g^T p)^T, the big operand read untransposed."""
+  ds = p * (jnp.einsum("nqd,nkd->nqk", g, v) - row_sum)
+  if transposed:
+    dk, dv = (jnp.swapaxes(jnp.einsum("nqd,nqk->ndk", a, b), 1, 2) for a, b in ((q, ds), (g, p)))
+  else:
+    dk, dv = jnp.einsum("nqk,nqd->nkd", ds, q), jnp.einsum("nqk,nqd->nkd", p, g)
+  return jnp.einsum("nqk,nkd->nqd", ds, k), dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _saved_u_attention(q, k, v, transposed):
+  del transposed
   return _probabilities_and_output(q, k, v)[2]
 
 
-def _saved_u_fwd(q, k, v):
+def _saved_u_fwd(q, k, v, transposed):
+  del transposed
   u, t, o, _ = _probabilities_and_output(q, k, v)
   return o, (q, k, v, o, u, t)
 
 
-def _saved_u_bwd(res, do):
+def _saved_u_bwd(transposed, res, do):
   """The softmax backward's row sum taken over [n, q, d] (sum dO * O), not [n, q, k]."""
   q, k, v, o, u, t = res
-  g = do / t
-  ds = u * (jnp.einsum("nqd,nkd->nqk", g, v) - jnp.sum(do * o, -1, keepdims=True) / t)
-  return (jnp.einsum("nqk,nkd->nqd", ds, k), jnp.einsum("nqk,nqd->nkd", ds, q),
-          jnp.einsum("nqk,nqd->nkd", u, g))
+  return _input_grads(u, do / t, jnp.sum(do * o, -1, keepdims=True) / t, q, k, v, transposed)
 
 
 _saved_u_attention.defvjp(_saved_u_fwd, _saved_u_bwd)
@@ -185,9 +199,7 @@ def _chunked_attention(q, k, v, rows=8):
 
   def bwd_chunk(q, k, v, o, lse, do):
     p = jnp.exp(jnp.einsum("nqd,nkd->nqk", q, k) - lse)
-    ds = p * (jnp.einsum("nqd,nkd->nqk", do, v) - jnp.sum(do * o, -1, keepdims=True))
-    return (jnp.einsum("nqk,nkd->nqd", ds, k), jnp.einsum("nqk,nqd->nkd", ds, q),
-            jnp.einsum("nqk,nqd->nkd", p, do))
+    return _input_grads(p, do, jnp.sum(do * o, -1, keepdims=True), q, k, v, False)
 
   def bwd(res, do):
     out = jax.lax.map(lambda a: bwd_chunk(*a), tuple(map(chunk, res + (do,))))
@@ -200,14 +212,18 @@ def _chunked_attention(q, k, v, rows=8):
 def attention_backward_designs(layers_chained=4):
   """Forward + backward of the tokenizer's attention ([16, 256, 8, 32]) per layer,
   `layers_chained` dependent layers on distinct inputs: heads_major_attention
-  (autodiff) against the two hand-written backward passes tried in the sixth
-  round (not landed): the row sum over dO * O with U saved, and flash-style chunks."""
+  (autodiff) against the hand-written backward passes tried in the sixth round
+  (not landed): the row sum over dO * O with U saved (dK, dV as TN matmuls or
+  written transposed), and flash-style chunks."""
   b, length, heads, d = 16, 256, 8, 32
   heads_first = lambda core: lambda q, k, v: core(*(
       x.transpose(0, 2, 1, 3).reshape(b * heads, length, d) for x in (q, k, v))).reshape(
           b, heads, length, d).transpose(0, 2, 1, 3)
   designs = {"heads_major_attention": layers.heads_major_attention,
-             "saved U, row sum over dO*O": heads_first(_saved_u_attention),
+             "saved U, row sum over dO*O": heads_first(
+                 functools.partial(_saved_u_attention, transposed=False)),
+             "same, dK dV transposed": heads_first(
+                 functools.partial(_saved_u_attention, transposed=True)),
              "chunked (flash-style)": heads_first(_chunked_attention)}
   inputs = [tuple(jax.random.normal(jax.random.key(3 * i + j), (b, length, heads, d)) / 3
                   for j in range(3)) for i in range(layers_chained)]
@@ -225,6 +241,17 @@ def attention_backward_designs(layers_chained=4):
   print("attention fwd+bwd, ms per layer: " + "  ".join(row), flush=True)
 
 
+def square_matmul_dtypes(n=2048):
+  """An [n, n] x [n, n] matmul in float32 and bfloat16 (sixth round: XLA:CPU's
+  bfloat16 matmuls do not use the CPU's AMX / AVX512-BF16 units)."""
+  row = []
+  for dtype in (jnp.float32, jnp.bfloat16):
+    a, b = (jax.random.normal(jax.random.key(i), (n, n)).astype(dtype) for i in range(2))
+    ms = milliseconds_per_call(jax.jit(jnp.matmul), a, b, repeats=5)
+    row.append(f"{jnp.dtype(dtype).name} {2 * n ** 3 / ms / 1e6:4.0f} GFLOP/s")
+  print(f"{n}^3 matmul: " + "  ".join(row), flush=True)
+
+
 if __name__ == "__main__":
   training_attention()
   qk_layouts()
@@ -234,3 +261,4 @@ if __name__ == "__main__":
   decode_step_dots()
   dot_forms()
   attention_backward_designs()
+  square_matmul_dtypes()
