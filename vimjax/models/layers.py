@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vimjax.models import cpu_attention
 from vimjax.models import splash
 
 Dtype = Any
@@ -347,7 +348,7 @@ def resize_decode_caches(cache, length: int):
   return walk(cache)
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "dot_product_attention", "splash", "xla")
+ATTENTION_IMPLEMENTATIONS = ("auto", "dot_product_attention", "splash", "cpu_kernel", "xla")
 
 
 def heads_major_attention(query, key, value, mask=None, causal=False, dropout=None):
@@ -416,8 +417,9 @@ class Attention(nn.Module):
   """Multi-head dot-product attention with an optional decode-time KV cache.
 
   Attention is `jax.nn.dot_product_attention` on GPU (cuDNN flash attention),
-  the splash kernel on TPU where it fits (`splash.fits`), and
-  `heads_major_attention` elsewhere or with attention dropout (`implementation`).
+  the splash kernel on TPU and the C++ kernel on the CPU where they fit
+  (`splash.fits`, `cpu_attention.fits`), and `heads_major_attention` elsewhere
+  or with attention dropout (`implementation`).
   Decode mode follows flax's MultiHeadDotProductAttention: `init(...,
   decode=True)` on a full-length input creates a zero cache ("cache"
   collection: cached_key [b, heads, head_dim, max_len], cached_value
@@ -438,8 +440,9 @@ class Attention(nn.Module):
   dropout_rate: float = 0.0
   static_kv: bool = False
   # "auto": jax.nn.dot_product_attention on GPU (cuDNN flash attention), the
-  # Pallas splash kernel on TPU where it fits (models/splash.py), else
-  # `heads_major_attention`; "dot_product_attention" / "splash" / "xla" force one
+  # Pallas splash kernel on TPU and the C++ kernel on the CPU where they fit
+  # (models/splash.py, models/cpu_attention.py), else `heads_major_attention`;
+  # "dot_product_attention" / "splash" / "cpu_kernel" / "xla" force one
   # (attention dropout always takes `heads_major_attention`).
   implementation: str = "auto"
   dtype: Dtype = jnp.float32
@@ -556,7 +559,18 @@ class Attention(nn.Module):
         and splash.fits(query.shape[1], key.shape[1], mask))):
       out = splash.splash_attention(query * scale, key, value, mask, causal,
                                     interpret=target_platform() == "cpu")
-    else:  # XLA (CPU, TPU where splash does not fit) and attention dropout.
+    elif not use_dropout and not cpu_attention.in_xla_reference() and (
+        self.implementation == "cpu_kernel" or (auto and target_platform() == "cpu"
+        and cpu_attention.fits(query, key, mask, causal))):
+      if not cpu_attention.fits(query, key, mask, causal):
+        raise ValueError(
+            f"Attention implementation='cpu_kernel' does not fit query {query.shape} "
+            f"{query.dtype}, key {key.shape}, mask {None if mask is None else mask.shape}, "
+            f"causal={causal}; valid: float32, no mask, not causal, head_dim in "
+            f"{cpu_attention.HEAD_DIMS}, lengths multiples of {cpu_attention.QUERY_BLOCK} "
+            f"(q) / {cpu_attention.KEY_BLOCK} (k), the kernel built (models/cpu_attention.py).")
+      out = cpu_attention.cpu_attention(query * scale, key, value)
+    else:  # XLA (CPU where the kernel does not fit, TPU where splash does not) and dropout.
       out = heads_major_attention(query * scale, key, value, mask, causal, dropout)
     return output(out)
 

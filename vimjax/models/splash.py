@@ -36,6 +36,23 @@ def _size(mesh, axes) -> int:
   return math.prod(mesh.shape[name] for name in names)
 
 
+def batch_heads_spec(mesh, batch: int, heads: int):
+  """P(batch axes, heads axes, None, None) of [b, heads, length, head_dim] activations
+  under `mesh` and the logical axis rules in scope, or None when their length or
+  head_dim is sharded (a per-shard kernel needs whole sequences). An empty mesh
+  gives P(None, None, None, None)."""
+  if mesh.empty:
+    return P(None, None, None, None)
+  batch_axes, heads_axes, length_axes, kv_axes = nn.logical_to_mesh_axes(_ACTIVATIONS)
+  if length_axes is not None or kv_axes is not None:
+    return None
+  # Axes that do not divide their dimension (e.g. the batch of 1 that initialises
+  # the model under the mesh) are dropped: that dimension is replicated instead.
+  batch_axes = batch_axes if batch % _size(mesh, batch_axes) == 0 else None
+  heads_axes = heads_axes if heads % _size(mesh, heads_axes) == 0 else None
+  return P(batch_axes, heads_axes, None, None)
+
+
 def _block(length: int) -> int:
   return next(b for b in (512, 256, LANES) if length % b == 0)
 
@@ -73,15 +90,12 @@ def splash_attention(query, key, value, mask=None, causal: bool = False, *,
   if causal and q_len != kv_len:
     raise ValueError(f"splash attention: causal needs q == k lengths, got {q_len}, {kv_len}.")
   mesh = jax.sharding.get_abstract_mesh()
-  batch_axes, heads_axes, length_axes, kv_axes = (
-      tuple(nn.logical_to_mesh_axes(_ACTIVATIONS)) if not mesh.empty else (None,) * 4)
-  if length_axes is not None or kv_axes is not None:
+  spec = batch_heads_spec(mesh, batch, heads)
+  if spec is None:
     raise ValueError(f"splash attention: activation length / kv sharded over "
-                     f"{length_axes} / {kv_axes}; it shards over batch and heads only.")
-  # Axes that do not divide their dimension (e.g. the batch of 1 that initialises
-  # the model under the mesh) are dropped: that dimension is replicated instead.
-  batch_axes = batch_axes if batch % _size(mesh, batch_axes) == 0 else None
-  heads_axes = heads_axes if heads % _size(mesh, heads_axes) == 0 else None
+                     f"{nn.logical_to_mesh_axes(_ACTIVATIONS)[2:]}; it shards over batch "
+                     "and heads only.")
+  batch_axes, heads_axes, _, _ = spec
   head_shards = _size(mesh, heads_axes)
   bq, bkv = _block(q_len), _block(kv_len)
   kernel = splash.make_splash_mha(
@@ -95,7 +109,6 @@ def splash_attention(query, key, value, mask=None, causal: bool = False, *,
   if mesh.empty:
     out = attend(kernel, q, k, v)
   else:
-    spec = P(batch_axes, heads_axes, None, None)
     kernel_spec = kernel.manual_sharding_spec(NamedSharding(mesh, P(heads_axes, None)))
     out = jax.shard_map(attend, mesh=mesh, in_specs=(kernel_spec, spec, spec, spec),
                         out_specs=spec, check_vma=False)(kernel, q, k, v)

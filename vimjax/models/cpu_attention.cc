@@ -1,0 +1,351 @@
+// Fused softmax attention for XLA:CPU (vimjax/models/cpu_attention.py builds and
+// registers it through jax.ffi).
+//
+// Why: at head_dim 32, XLA:CPU runs attention's batched matmuls at 50-80 GFLOP/s
+// and writes every [b, heads, q, k] intermediate to memory (BUILD_NOTES.md,
+// "Speed (issue 13)"). Here each (example, head) pair is one task: its q, k, v
+// rows are gathered from the [b, length, heads, head_dim] layout into cache-sized
+// blocks, 8 query rows at a time go through logits -> softmax -> output without
+// leaving L1, and the backward pass recomputes the probabilities from the saved
+// log-sum-exp (flash attention's scheme), so no [q, k] tensor is ever stored.
+//
+// The matmuls are register-blocked loops over GCC vector types (16 floats); with
+// -march=native they are AVX-512 FMAs. Tasks are spread over XLA's intra-op
+// thread pool. Results are deterministic: each task runs wholly on one thread in
+// a fixed order.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+constexpr int kKeyBlock = 32;  // Key lengths must be multiples of this (two vectors).
+
+// A memory broadcast (vbroadcastss m32): `(v16){} + x` costs an add and a shuffle.
+inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline float reduce_sum(v16 v) { float s = 0.f; for (int i = 0; i < kLanes; ++i) s += v[i]; return s; }
+inline float reduce_max(v16 v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// exp(x) for softmax arguments (x <= 0), within ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2,
+// exp(r) by Cephes' degree-6 polynomial, 2^n through the exponent bits.
+inline v16 vexp(v16 x) {
+  x = x < splat(-87.f) ? splat(-87.f) : x;  // exp(-87) ~ 1.6e-38: still normal.
+  v16 n = x * splat(1.44269504088896341f);
+  n = (n + splat(12582912.f)) - splat(12582912.f);  // Round to nearest (1.5 * 2^23).
+  v16 r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);  // Cody-Waite ln2.
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.f);
+  vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Rows per block: R x D/16 accumulators stay in registers.
+template <int D> constexpr int Rows() { return D <= 32 ? 8 : D <= 64 ? 4 : 2; }
+
+// out[R][n] = a[R][D] x bt[D][n]  (bt: a [n, D] matrix transposed; n % 32 == 0).
+template <int D, int R>
+inline void times_transposed(const float* a, const float* bt, int n, float* out) {
+  for (int j = 0; j < n; j += kKeyBlock) {
+    v16 acc[R][2] = {};
+    for (int k = 0; k < D; ++k) {
+      v16 b0 = load(bt + k * n + j), b1 = load(bt + k * n + j + kLanes);
+      for (int r = 0; r < R; ++r) {
+        v16 s = splat(a[r * D + k]);
+        acc[r][0] += s * b0;
+        acc[r][1] += s * b1;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      store(out + r * n + j, acc[r][0]);
+      store(out + r * n + j + kLanes, acc[r][1]);
+    }
+  }
+}
+
+// acc[R][D] = p[R][n] x b[n][D].
+template <int D, int R>
+inline void times(const float* p, const float* b, int n, v16 (&acc)[R][D / kLanes]) {
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < D / kLanes; ++c) acc[r][c] = splat(0.f);
+  for (int k = 0; k < n; ++k) {
+    v16 row[D / kLanes];
+    for (int c = 0; c < D / kLanes; ++c) row[c] = load(b + k * D + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      v16 s = splat(p[r * n + k]);
+      for (int c = 0; c < D / kLanes; ++c) acc[r][c] += s * row[c];
+    }
+  }
+}
+
+// g[n][D] += p[R][n]^T x x[R][D]  (x's R rows held in registers).
+template <int D, int R>
+inline void add_transposed_times(const float* p, const float* x, int n, float* g) {
+  v16 rows[R][D / kLanes];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < D / kLanes; ++c) rows[r][c] = load(x + r * D + c * kLanes);
+  for (int j = 0; j < n; ++j) {
+    v16 acc[D / kLanes];
+    for (int c = 0; c < D / kLanes; ++c) acc[c] = load(g + j * D + c * kLanes);
+    for (int r = 0; r < R; ++r) {
+      v16 s = splat(p[r * n + j]);
+      for (int c = 0; c < D / kLanes; ++c) acc[c] += s * rows[r][c];
+    }
+    for (int c = 0; c < D / kLanes; ++c) store(g + j * D + c * kLanes, acc[c]);
+  }
+}
+
+// One (example, head) slice of a [b, length, heads, D] array.
+struct Slice {
+  int64_t offset, stride;  // Of row 0, between rows (heads * D).
+  int length;
+};
+
+template <int D>
+void gather(const float* x, Slice s, float* rows, float* columns) {
+  for (int i = 0; i < s.length; ++i) {
+    const float* src = x + s.offset + i * s.stride;
+    if (rows) std::memcpy(rows + i * D, src, D * sizeof(float));
+    if (columns)
+      for (int k = 0; k < D; ++k) columns[k * s.length + i] = src[k];
+  }
+}
+
+template <int D>
+void scatter(const float* rows, Slice s, float* x) {
+  for (int i = 0; i < s.length; ++i)
+    std::memcpy(x + s.offset + i * s.stride, rows + i * D, D * sizeof(float));
+}
+
+struct Shape {
+  int64_t batch, q_len, kv_len, heads, head_dim;
+  Slice q(int64_t task) const { return slice(task, q_len); }
+  Slice kv(int64_t task) const { return slice(task, kv_len); }
+  Slice slice(int64_t task, int64_t length) const {
+    int64_t b = task / heads, h = task % heads;
+    return {(b * length * heads + h) * head_dim, heads * head_dim, static_cast<int>(length)};
+  }
+};
+
+// Forward of one (example, head): out = softmax(q k^T) v, lse = log-sum-exp of the logits.
+template <int D>
+void forward_task(const float* q, const float* k, const float* v, float* out, float* lse,
+                  const Shape& shape, int64_t task, float* work) {
+  constexpr int R = Rows<D>();
+  const int n_q = shape.q_len, n_k = shape.kv_len;
+  float *qs = work, *kt = qs + n_q * D, *vs = kt + n_k * D, *os = vs + n_k * D,
+        *p = os + n_q * D;
+  gather<D>(q, shape.q(task), qs, nullptr);
+  gather<D>(k, shape.kv(task), nullptr, kt);
+  gather<D>(v, shape.kv(task), vs, nullptr);
+  float* task_lse = lse + task * n_q;
+  for (int i = 0; i < n_q; i += R) {
+    times_transposed<D, R>(qs + i * D, kt, n_k, p);
+    float total[R];
+    for (int r = 0; r < R; ++r) {
+      float* row = p + r * n_k;
+      v16 m = load(row);
+      for (int j = kLanes; j < n_k; j += kLanes) m = m > load(row + j) ? m : load(row + j);
+      float max = reduce_max(m);
+      v16 sum = splat(0.f);
+      for (int j = 0; j < n_k; j += kLanes) {
+        v16 e = vexp(load(row + j) - splat(max));
+        store(row + j, e);
+        sum += e;
+      }
+      total[r] = reduce_sum(sum);
+      task_lse[i + r] = max + std::log(total[r]);
+    }
+    v16 acc[R][D / kLanes];
+    times<D, R>(p, vs, n_k, acc);
+    for (int r = 0; r < R; ++r) {
+      v16 inverse = splat(1.f / total[r]);
+      for (int c = 0; c < D / kLanes; ++c) store(os + (i + r) * D + c * kLanes, acc[r][c] * inverse);
+    }
+  }
+  scatter<D>(os, shape.q(task), out);
+}
+
+// Backward of one (example, head), probabilities recomputed from lse:
+// dv = p^T do, dp = do v^T, ds = p (dp - rowsum(do * o)), dq = ds k, dk = ds^T q.
+template <int D>
+void backward_task(const float* q, const float* k, const float* v, const float* out,
+                   const float* lse, const float* dout, float* dq, float* dk, float* dv,
+                   const Shape& shape, int64_t task, float* work) {
+  constexpr int R = Rows<D>();
+  const int n_q = shape.q_len, n_k = shape.kv_len;
+  float *qs = work, *dos = qs + n_q * D, *os = dos + n_q * D, *dqs = os + n_q * D,
+        *ks = dqs + n_q * D, *kt = ks + n_k * D, *vt = kt + n_k * D, *dks = vt + n_k * D,
+        *dvs = dks + n_k * D, *p = dvs + n_k * D, *ds = p + R * n_k;
+  gather<D>(q, shape.q(task), qs, nullptr);
+  gather<D>(dout, shape.q(task), dos, nullptr);
+  gather<D>(out, shape.q(task), os, nullptr);
+  gather<D>(k, shape.kv(task), ks, kt);
+  gather<D>(v, shape.kv(task), nullptr, vt);
+  std::memset(dks, 0, sizeof(float) * n_k * D);
+  std::memset(dvs, 0, sizeof(float) * n_k * D);
+  const float* task_lse = lse + task * n_q;
+  for (int i = 0; i < n_q; i += R) {
+    times_transposed<D, R>(qs + i * D, kt, n_k, p);
+    times_transposed<D, R>(dos + i * D, vt, n_k, ds);
+    for (int r = 0; r < R; ++r) {
+      v16 dot = splat(0.f);
+      for (int c = 0; c < D / kLanes; ++c)
+        dot += load(dos + (i + r) * D + c * kLanes) * load(os + (i + r) * D + c * kLanes);
+      v16 delta = splat(reduce_sum(dot)), log_total = splat(task_lse[i + r]);
+      for (int j = 0; j < n_k; j += kLanes) {
+        v16 prob = vexp(load(p + r * n_k + j) - log_total);
+        store(p + r * n_k + j, prob);
+        store(ds + r * n_k + j, prob * (load(ds + r * n_k + j) - delta));
+      }
+    }
+    v16 acc[R][D / kLanes];
+    times<D, R>(ds, ks, n_k, acc);
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < D / kLanes; ++c) store(dqs + (i + r) * D + c * kLanes, acc[r][c]);
+    add_transposed_times<D, R>(p, dos + i * D, n_k, dvs);
+    add_transposed_times<D, R>(ds, qs + i * D, n_k, dks);
+  }
+  scatter<D>(dqs, shape.q(task), dq);
+  scatter<D>(dks, shape.kv(task), dk);
+  scatter<D>(dvs, shape.kv(task), dv);
+}
+
+// Runs body(task, work) for task in [0, n) on the calling thread and XLA's
+// intra-op pool. Tasks are claimed from a counter, so the caller waits only for
+// tasks already running; a helper that starts late finds none left.
+template <typename Body>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, size_t work_floats, Body body) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, n, work_floats, body] {
+    std::vector<float> work;
+    for (int64_t task; (task = state->next.fetch_add(1)) < n;) {
+      if (work.empty()) work.resize(work_floats);
+      body(task, work.data());
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  int64_t helpers = std::min<int64_t>(pool.num_threads(), n - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(run)(run));
+  run();
+  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+ffi::Error check(const Shape& s) {
+  if (s.head_dim != 16 && s.head_dim != 32 && s.head_dim != 64)
+    return ffi::Error::InvalidArgument("cpu_attention: head_dim " + std::to_string(s.head_dim) +
+                                       "; valid: 16, 32, 64.");
+  if (s.kv_len % kKeyBlock != 0 || s.q_len % 8 != 0)
+    return ffi::Error::InvalidArgument(
+        "cpu_attention: lengths q=" + std::to_string(s.q_len) + ", k=" +
+        std::to_string(s.kv_len) + "; valid: q a multiple of 8, k a multiple of 32.");
+  return ffi::Error::Success();
+}
+
+Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  return {qd[0], qd[1], kd[1], qd[2], qd[3]};
+}
+
+template <int D>
+size_t forward_work(const Shape& s) {
+  return (2 * s.q_len + 2 * s.kv_len) * D + Rows<D>() * s.kv_len;
+}
+template <int D>
+size_t backward_work(const Shape& s) {
+  return (4 * s.q_len + 5 * s.kv_len) * D + 2 * Rows<D>() * s.kv_len;
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse) {
+  Shape s = shape_of(q, k);
+  if (ffi::Error error = check(s); error.failure()) return error;
+  auto launch = [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    parallel_for(pool, s.batch * s.heads, forward_work<D>(s),
+                 [&, s](int64_t task, float* work) {
+                   forward_task<D>(q.typed_data(), k.typed_data(), v.typed_data(),
+                                   out->typed_data(), lse->typed_data(), s, task, work);
+                 });
+  };
+  if (s.head_dim == 16) launch(std::integral_constant<int, 16>());
+  else if (s.head_dim == 32) launch(std::integral_constant<int, 32>());
+  else launch(std::integral_constant<int, 64>());
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv) {
+  Shape s = shape_of(q, k);
+  if (ffi::Error error = check(s); error.failure()) return error;
+  auto launch = [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    parallel_for(pool, s.batch * s.heads, backward_work<D>(s),
+                 [&, s](int64_t task, float* work) {
+                   backward_task<D>(q.typed_data(), k.typed_data(), v.typed_data(),
+                                    out.typed_data(), lse.typed_data(), dout.typed_data(),
+                                    dq->typed_data(), dk->typed_data(), dv->typed_data(), s,
+                                    task, work);
+                 });
+  };
+  if (s.head_dim == 16) launch(std::integral_constant<int, 16>());
+  else if (s.head_dim == 32) launch(std::integral_constant<int, 32>());
+  else launch(std::integral_constant<int, 64>());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VimjaxAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [b, q, heads, d], scaled
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k [b, k, heads, d]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v [b, k, heads, d]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [b, q, heads, d]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse [b, heads, q]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VimjaxAttentionBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv
