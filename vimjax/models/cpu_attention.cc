@@ -88,11 +88,11 @@ inline void times_transposed(const float* a, const float* bt, int n, float* out)
   }
 }
 
-// acc[R][D] = p[R][n] x b[n][D].
+// out[R][D] = row_scale[r] * (p[R][n] x b[n][D]). The accumulators are locals, so
+// they stay in registers (through a reference, every FMA was stored back).
 template <int D, int R>
-inline void times(const float* p, const float* b, int n, v16 (&acc)[R][D / kLanes]) {
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < D / kLanes; ++c) acc[r][c] = splat(0.f);
+inline void times(const float* p, const float* b, int n, const float* row_scale, float* out) {
+  v16 acc[R][D / kLanes] = {};
   for (int k = 0; k < n; ++k) {
     v16 row[D / kLanes];
     for (int c = 0; c < D / kLanes; ++c) row[c] = load(b + k * D + c * kLanes);
@@ -101,6 +101,9 @@ inline void times(const float* p, const float* b, int n, v16 (&acc)[R][D / kLane
       for (int c = 0; c < D / kLanes; ++c) acc[r][c] += s * row[c];
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < D / kLanes; ++c)
+      store(out + r * D + c * kLanes, acc[r][c] * splat(row_scale[r]));
 }
 
 // g[n][D] += p[R][n]^T x x[R][D]  (x's R rows held in registers).
@@ -126,20 +129,24 @@ struct Slice {
   int length;
 };
 
+// Copies one slice into rows [length][D] and / or columns [D][length], times `scale`.
 template <int D>
-void gather(const float* x, Slice s, float* rows, float* columns) {
+void gather(const float* x, Slice s, float* rows, float* columns, float scale = 1.f) {
   for (int i = 0; i < s.length; ++i) {
     const float* src = x + s.offset + i * s.stride;
-    if (rows) std::memcpy(rows + i * D, src, D * sizeof(float));
+    if (rows)
+      for (int c = 0; c < D / kLanes; ++c)
+        store(rows + i * D + c * kLanes, load(src + c * kLanes) * splat(scale));
     if (columns)
-      for (int k = 0; k < D; ++k) columns[k * s.length + i] = src[k];
+      for (int k = 0; k < D; ++k) columns[k * s.length + i] = src[k] * scale;
   }
 }
 
 template <int D>
-void scatter(const float* rows, Slice s, float* x) {
+void scatter(const float* rows, Slice s, float* x, float scale = 1.f) {
   for (int i = 0; i < s.length; ++i)
-    std::memcpy(x + s.offset + i * s.stride, rows + i * D, D * sizeof(float));
+    for (int c = 0; c < D / kLanes; ++c)
+      store(x + s.offset + i * s.stride + c * kLanes, load(rows + i * D + c * kLanes) * splat(scale));
 }
 
 struct Shape {
@@ -152,21 +159,22 @@ struct Shape {
   }
 };
 
-// Forward of one (example, head): out = softmax(q k^T) v, lse = log-sum-exp of the logits.
+// Forward of one (example, head): out = softmax(scale q k^T) v, lse = log-sum-exp of
+// the logits. The scale is applied as q is gathered (no pass of its own).
 template <int D>
 void forward_task(const float* q, const float* k, const float* v, float* out, float* lse,
-                  const Shape& shape, int64_t task, float* work) {
+                  float scale, const Shape& shape, int64_t task, float* work) {
   constexpr int R = Rows<D>();
   const int n_q = shape.q_len, n_k = shape.kv_len;
   float *qs = work, *kt = qs + n_q * D, *vs = kt + n_k * D, *os = vs + n_k * D,
         *p = os + n_q * D;
-  gather<D>(q, shape.q(task), qs, nullptr);
+  gather<D>(q, shape.q(task), qs, nullptr, scale);
   gather<D>(k, shape.kv(task), nullptr, kt);
   gather<D>(v, shape.kv(task), vs, nullptr);
   float* task_lse = lse + task * n_q;
   for (int i = 0; i < n_q; i += R) {
     times_transposed<D, R>(qs + i * D, kt, n_k, p);
-    float total[R];
+    float inverse_total[R];
     for (int r = 0; r < R; ++r) {
       float* row = p + r * n_k;
       v16 m = load(row);
@@ -178,31 +186,28 @@ void forward_task(const float* q, const float* k, const float* v, float* out, fl
         store(row + j, e);
         sum += e;
       }
-      total[r] = reduce_sum(sum);
-      task_lse[i + r] = max + std::log(total[r]);
+      float total = reduce_sum(sum);
+      inverse_total[r] = 1.f / total;
+      task_lse[i + r] = max + std::log(total);
     }
-    v16 acc[R][D / kLanes];
-    times<D, R>(p, vs, n_k, acc);
-    for (int r = 0; r < R; ++r) {
-      v16 inverse = splat(1.f / total[r]);
-      for (int c = 0; c < D / kLanes; ++c) store(os + (i + r) * D + c * kLanes, acc[r][c] * inverse);
-    }
+    times<D, R>(p, vs, n_k, inverse_total, os + i * D);
   }
   scatter<D>(os, shape.q(task), out);
 }
 
 // Backward of one (example, head), probabilities recomputed from lse:
-// dv = p^T do, dp = do v^T, ds = p (dp - rowsum(do * o)), dq = ds k, dk = ds^T q.
+// dv = p^T do, dp = do v^T, ds = p (dp - rowsum(do * o)), dq = scale ds k,
+// dk = ds^T (scale q).
 template <int D>
 void backward_task(const float* q, const float* k, const float* v, const float* out,
                    const float* lse, const float* dout, float* dq, float* dk, float* dv,
-                   const Shape& shape, int64_t task, float* work) {
+                   float scale, const Shape& shape, int64_t task, float* work) {
   constexpr int R = Rows<D>();
   const int n_q = shape.q_len, n_k = shape.kv_len;
   float *qs = work, *dos = qs + n_q * D, *os = dos + n_q * D, *dqs = os + n_q * D,
         *ks = dqs + n_q * D, *kt = ks + n_k * D, *vt = kt + n_k * D, *dks = vt + n_k * D,
         *dvs = dks + n_k * D, *p = dvs + n_k * D, *ds = p + R * n_k;
-  gather<D>(q, shape.q(task), qs, nullptr);
+  gather<D>(q, shape.q(task), qs, nullptr, scale);
   gather<D>(dout, shape.q(task), dos, nullptr);
   gather<D>(out, shape.q(task), os, nullptr);
   gather<D>(k, shape.kv(task), ks, kt);
@@ -210,6 +215,8 @@ void backward_task(const float* q, const float* k, const float* v, const float* 
   std::memset(dks, 0, sizeof(float) * n_k * D);
   std::memset(dvs, 0, sizeof(float) * n_k * D);
   const float* task_lse = lse + task * n_q;
+  float ones[R];
+  std::fill(ones, ones + R, 1.f);
   for (int i = 0; i < n_q; i += R) {
     times_transposed<D, R>(qs + i * D, kt, n_k, p);
     times_transposed<D, R>(dos + i * D, vt, n_k, ds);
@@ -224,14 +231,11 @@ void backward_task(const float* q, const float* k, const float* v, const float* 
         store(ds + r * n_k + j, prob * (load(ds + r * n_k + j) - delta));
       }
     }
-    v16 acc[R][D / kLanes];
-    times<D, R>(ds, ks, n_k, acc);
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < D / kLanes; ++c) store(dqs + (i + r) * D + c * kLanes, acc[r][c]);
+    times<D, R>(ds, ks, n_k, ones, dqs + i * D);
     add_transposed_times<D, R>(p, dos + i * D, n_k, dvs);
     add_transposed_times<D, R>(ds, qs + i * D, n_k, dks);
   }
-  scatter<D>(dqs, shape.q(task), dq);
+  scatter<D>(dqs, shape.q(task), dq, scale);
   scatter<D>(dks, shape.kv(task), dk);
   scatter<D>(dvs, shape.kv(task), dv);
 }
@@ -286,7 +290,7 @@ size_t backward_work(const Shape& s) {
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse) {
+                   ffi::ResultBuffer<ffi::F32> lse, float scale) {
   Shape s = shape_of(q, k);
   if (ffi::Error error = check(s); error.failure()) return error;
   auto launch = [&](auto dim) {
@@ -294,7 +298,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     parallel_for(pool, s.batch * s.heads, forward_work<D>(s),
                  [&, s](int64_t task, float* work) {
                    forward_task<D>(q.typed_data(), k.typed_data(), v.typed_data(),
-                                   out->typed_data(), lse->typed_data(), s, task, work);
+                                   out->typed_data(), lse->typed_data(), scale, s, task,
+                                   work);
                  });
   };
   if (s.head_dim == 16) launch(std::integral_constant<int, 16>());
@@ -307,7 +312,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv) {
+                    ffi::ResultBuffer<ffi::F32> dv, float scale) {
   Shape s = shape_of(q, k);
   if (ffi::Error error = check(s); error.failure()) return error;
   auto launch = [&](auto dim) {
@@ -316,8 +321,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                  [&, s](int64_t task, float* work) {
                    backward_task<D>(q.typed_data(), k.typed_data(), v.typed_data(),
                                     out.typed_data(), lse.typed_data(), dout.typed_data(),
-                                    dq->typed_data(), dk->typed_data(), dv->typed_data(), s,
-                                    task, work);
+                                    dq->typed_data(), dk->typed_data(), dv->typed_data(),
+                                    scale, s, task, work);
                  });
   };
   if (s.head_dim == 16) launch(std::integral_constant<int, 16>());
@@ -331,11 +336,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VimjaxAttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [b, q, heads, d], scaled
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q [b, q, heads, d]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [b, k, heads, d]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v [b, k, heads, d]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out [b, q, heads, d]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse [b, heads, q]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse [b, heads, q]
+                                  .Attr<float>("scale"));  // of the logits
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VimjaxAttentionBackward, Backward,
                               ffi::Ffi::Bind()
@@ -348,4 +354,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VimjaxAttentionBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d out
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dq
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Attr<float>("scale"));

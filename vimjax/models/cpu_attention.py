@@ -22,6 +22,7 @@ a sharded length or head_dim falls back to XLA.
 """
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import pathlib
@@ -34,6 +35,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 from vimjax.models import splash
 
@@ -151,50 +153,53 @@ def fits(query, key, mask, causal: bool) -> bool:
   return available()
 
 
-def _call(target, outputs, *args):
-  return jax.ffi.ffi_call(target, outputs, vmap_method="sequential")(*args)
+def _call(target, outputs, *args, scale: float):
+  return jax.ffi.ffi_call(target, outputs, vmap_method="sequential")(
+      *args, scale=np.float32(scale))
 
 
-def _forward(query, key, value):
+def _forward(query, key, value, scale):
   batch, q_len, heads, _ = query.shape
   return _call("vimjax_attention_forward",
                (jax.ShapeDtypeStruct(query.shape, jnp.float32),
                 jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
-               query, key, value)
+               query, key, value, scale=scale)
 
 
-@jax.custom_vjp
-def _attention(query, key, value):
-  return _forward(query, key, value)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(query, key, value, scale):
+  return _forward(query, key, value, scale)[0]
 
 
-def _attention_fwd(query, key, value):
-  out, lse = _forward(query, key, value)
+def _attention_fwd(query, key, value, scale):
+  out, lse = _forward(query, key, value, scale)
   return out, (query, key, value, out, lse)
 
 
-def _attention_bwd(residuals, d_out):
-  query, key, value, out, _ = residuals
+def _attention_bwd(scale, residuals, d_out):
+  query, key, value, _, _ = residuals
   shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (query, key, value))
-  return tuple(_call("vimjax_attention_backward", shapes, *residuals, d_out))
+  return tuple(_call("vimjax_attention_backward", shapes, *residuals, d_out, scale=scale))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def cpu_attention(query, key, value):
-  """softmax(query key^T) value by the kernel (check `fits` first).
+def cpu_attention(query, key, value, scale: float = 1.0):
+  """softmax(scale query key^T) value by the kernel (check `fits` first).
 
   Args:
-    query: [b, q, heads, head_dim] float32, already scaled.
+    query: [b, q, heads, head_dim] float32.
     key, value: [b, k, heads, head_dim] float32.
+    scale: of the logits, applied inside the kernel (a Python float).
   Returns:
     [b, q, heads, head_dim] float32.
   """
+  attention = functools.partial(_attention, scale=float(scale))
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return _attention(query, key, value)
+    return attention(query, key, value)
   batch_axes, heads_axes, _, _ = splash.batch_heads_spec(mesh, query.shape[0], query.shape[2])
   spec = jax.sharding.PartitionSpec(batch_axes, None, heads_axes, None)
-  return jax.shard_map(_attention, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+  return jax.shard_map(attention, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(query, key, value)

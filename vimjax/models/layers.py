@@ -569,7 +569,7 @@ class Attention(nn.Module):
             f"causal={causal}; valid: float32, no mask, not causal, head_dim in "
             f"{cpu_attention.HEAD_DIMS}, lengths multiples of {cpu_attention.QUERY_BLOCK} "
             f"(q) / {cpu_attention.KEY_BLOCK} (k), the kernel built (models/cpu_attention.py).")
-      out = cpu_attention.cpu_attention(query * scale, key, value)
+      out = cpu_attention.cpu_attention(query, key, value, self.head_dim ** -0.5)
     else:  # XLA (CPU where the kernel does not fit, TPU where splash does not) and dropout.
       out = heads_major_attention(query * scale, key, value, mask, causal, dropout)
     return output(out)
