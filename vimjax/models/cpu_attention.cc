@@ -68,9 +68,12 @@ inline v16 vexp(v16 x) {
 // Rows per block: R x D/16 accumulators stay in registers.
 template <int D> constexpr int Rows() { return D <= 32 ? 8 : D <= 64 ? 4 : 2; }
 
-// out[R][n] = a[R][D] x bt[D][n]  (bt: a [n, D] matrix transposed; n % 32 == 0).
-template <int D, int R>
-inline void times_transposed(const float* a, const float* bt, int n, float* out) {
+// out[R][n] = epilogue(r, j, a[R][D] x bt[D][n])  (bt: a [n, D] matrix transposed;
+// n % 32 == 0). The epilogue sees each row's 16-column vectors while they are in
+// registers (softmax's max, exp and gradient without passes of their own).
+template <int D, int R, typename Epilogue>
+inline void times_transposed(const float* a, const float* bt, int n, float* out,
+                             Epilogue epilogue) {
   for (int j = 0; j < n; j += kKeyBlock) {
     v16 acc[R][2] = {};
     for (int k = 0; k < D; ++k) {
@@ -82,8 +85,8 @@ inline void times_transposed(const float* a, const float* bt, int n, float* out)
       }
     }
     for (int r = 0; r < R; ++r) {
-      store(out + r * n + j, acc[r][0]);
-      store(out + r * n + j + kLanes, acc[r][1]);
+      store(out + r * n + j, epilogue(r, j, acc[r][0]));
+      store(out + r * n + j + kLanes, epilogue(r, j + kLanes, acc[r][1]));
     }
   }
 }
@@ -173,13 +176,16 @@ void forward_task(const float* q, const float* k, const float* v, float* out, fl
   gather<D>(v, shape.kv(task), vs, nullptr);
   float* task_lse = lse + task * n_q;
   for (int i = 0; i < n_q; i += R) {
-    times_transposed<D, R>(qs + i * D, kt, n_k, p);
+    v16 row_max[R];
+    for (int r = 0; r < R; ++r) row_max[r] = splat(-INFINITY);
+    times_transposed<D, R>(qs + i * D, kt, n_k, p, [&](int r, int, v16 x) {
+      row_max[r] = row_max[r] > x ? row_max[r] : x;
+      return x;
+    });
     float inverse_total[R];
     for (int r = 0; r < R; ++r) {
       float* row = p + r * n_k;
-      v16 m = load(row);
-      for (int j = kLanes; j < n_k; j += kLanes) m = m > load(row + j) ? m : load(row + j);
-      float max = reduce_max(m);
+      float max = reduce_max(row_max[r]);
       v16 sum = splat(0.f);
       for (int j = 0; j < n_k; j += kLanes) {
         v16 e = vexp(load(row + j) - splat(max));
@@ -218,19 +224,20 @@ void backward_task(const float* q, const float* k, const float* v, const float* 
   float ones[R];
   std::fill(ones, ones + R, 1.f);
   for (int i = 0; i < n_q; i += R) {
-    times_transposed<D, R>(qs + i * D, kt, n_k, p);
-    times_transposed<D, R>(dos + i * D, vt, n_k, ds);
+    float delta[R];  // rowsum(do * o) = rowsum(dp * p).
     for (int r = 0; r < R; ++r) {
       v16 dot = splat(0.f);
       for (int c = 0; c < D / kLanes; ++c)
         dot += load(dos + (i + r) * D + c * kLanes) * load(os + (i + r) * D + c * kLanes);
-      v16 delta = splat(reduce_sum(dot)), log_total = splat(task_lse[i + r]);
-      for (int j = 0; j < n_k; j += kLanes) {
-        v16 prob = vexp(load(p + r * n_k + j) - log_total);
-        store(p + r * n_k + j, prob);
-        store(ds + r * n_k + j, prob * (load(ds + r * n_k + j) - delta));
-      }
+      delta[r] = reduce_sum(dot);
     }
+    const float* log_total = task_lse + i;
+    times_transposed<D, R>(qs + i * D, kt, n_k, p, [&](int r, int, v16 x) {
+      return vexp(x - splat(log_total[r]));
+    });
+    times_transposed<D, R>(dos + i * D, vt, n_k, ds, [&](int r, int j, v16 x) {
+      return load(p + r * n_k + j) * (x - splat(delta[r]));
+    });
     times<D, R>(ds, ks, n_k, ones, dqs + i * D);
     add_transposed_times<D, R>(p, dos + i * D, n_k, dvs);
     add_transposed_times<D, R>(ds, qs + i * D, n_k, dks);
