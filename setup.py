@@ -6,6 +6,8 @@ setuptools.setup(
     version="0.1.0",
     description="Pod-scale ViT-VQGAN + VIM/Parti image generators in JAX/Flax.",
     packages=setuptools.find_packages(include=["vimjax", "vimjax.*"]),
+    # The CPU attention kernel's source, compiled on first use (models/cpu_attention.py).
+    package_data={"vimjax.models": ["cpu_attention.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7,<0.13",
