@@ -18,14 +18,17 @@ The attention and decode micro-benchmarks behind BUILD_NOTES.md, "Speed
 - the attention matmul's NT / NN / TN forms at the tokenizer's shapes, and the
   attention's forward + backward with two hand-written backward passes (sixth
   round: `dot_forms`, `attention_backward_designs`), and a square matmul in
-  float32 against bfloat16 (`square_matmul_dtypes`).
-Milliseconds per call.
+  float32 against bfloat16 (`square_matmul_dtypes`); the C++ kernel among the
+  designs (seventh round).
+Milliseconds per call. Arguments name the benchmarks to run (default: all).
 """
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
 
+from vimjax.models import cpu_attention
 from vimjax.models import layers
 from vimjax.perf.timing import milliseconds_per_call
 
@@ -214,12 +217,14 @@ def attention_backward_designs(layers_chained=4):
   `layers_chained` dependent layers on distinct inputs: heads_major_attention
   (autodiff) against the hand-written backward passes tried in the sixth round
   (not landed): the row sum over dO * O with U saved (dK, dV as TN matmuls or
-  written transposed), and flash-style chunks."""
+  written transposed), and flash-style chunks; and the C++ kernel that landed in
+  the seventh round (`models/cpu_attention.py`)."""
   b, length, heads, d = 16, 256, 8, 32
   heads_first = lambda core: lambda q, k, v: core(*(
       x.transpose(0, 2, 1, 3).reshape(b * heads, length, d) for x in (q, k, v))).reshape(
           b, heads, length, d).transpose(0, 2, 1, 3)
   designs = {"heads_major_attention": layers.heads_major_attention,
+             "cpu_attention kernel (C++, seventh round)": cpu_attention.cpu_attention,
              "saved U, row sum over dO*O": heads_first(
                  functools.partial(_saved_u_attention, transposed=False)),
              "same, dK dV transposed": heads_first(
@@ -253,6 +258,10 @@ def square_matmul_dtypes(n=2048):
 
 
 if __name__ == "__main__":
+  if len(sys.argv) > 1:  # Only the named benchmarks, e.g. `attention_backward_designs`.
+    for name in sys.argv[1:]:
+      globals()[name]()
+    sys.exit()
   training_attention()
   qk_layouts()
   small_m_dots()

@@ -162,15 +162,20 @@ def test_the_switch_turns_it_off_and_refuses_bad_values(monkeypatch):
   x = jnp.ones((2, 64, 128))
   params, loss = _attention("auto", x)
   assert "vimjax_attention" not in jax.jit(loss).lower(params, x).as_text()
+  q = jnp.ones((1, 32, 1, 32))
+  with pytest.raises(RuntimeError, match=r"not available \(\$VIMJAX_CPU_ATTENTION='0'"):
+    cpu_attention.cpu_attention(q, q, q)
   monkeypatch.setenv("VIMJAX_CPU_ATTENTION", "yes")
   with pytest.raises(ValueError, match=r"VIMJAX_CPU_ATTENTION='yes'; valid: 1 .* or 0"):
     cpu_attention.available()
 
 
 def test_a_fresh_cache_builds_the_library_once(tmp_path):
-  """In a new process with an empty cache: built, named for this machine, then reused."""
-  code = ("import os, time; from vimjax.models import cpu_attention as c; "
-          "assert c.available(); p = c.library_path(); print(p, os.path.getmtime(p))")
+  """In a new process with an empty cache: built on the first call (no `available()`
+  first), named for this machine, then reused."""
+  code = ("import os, jax.numpy as jnp; from vimjax.models import cpu_attention as c; "
+          "q = jnp.ones((1, 32, 1, 16)); assert c.cpu_attention(q, q, q).shape == q.shape; "
+          "p = c.library_path(); print(p, os.path.getmtime(p))")
   env = {"VIMJAX_KERNEL_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu",
          "PATH": "/usr/bin:/bin:/usr/local/bin"}
   first, again = (subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,

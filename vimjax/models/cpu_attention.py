@@ -195,6 +195,10 @@ def cpu_attention(query, key, value, scale: float = 1.0):
   Returns:
     [b, q, heads, head_dim] float32.
   """
+  if not available():  # Also registers the kernel with XLA on the first call.
+    raise RuntimeError(f"cpu_attention: the kernel is not available (${ENABLE_ENV}="
+                       f"{os.environ.get(ENABLE_ENV, '1')!r}, or its build failed: see the "
+                       "warning above); check cpu_attention.fits first.")
   attention = functools.partial(_attention, scale=float(scale))
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
