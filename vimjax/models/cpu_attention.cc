@@ -21,6 +21,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -295,23 +296,26 @@ size_t backward_work(const Shape& s) {
   return (4 * s.q_len + 5 * s.kv_len) * D + 2 * Rows<D>() * s.kv_len;
 }
 
+// f(std::integral_constant<int, D>()) for the checked head_dim D.
+template <typename F>
+void with_head_dim(int64_t head_dim, F f) {
+  if (head_dim == 16) f(std::integral_constant<int, 16>());
+  else if (head_dim == 32) f(std::integral_constant<int, 32>());
+  else f(std::integral_constant<int, 64>());
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out,
                    ffi::ResultBuffer<ffi::F32> lse, float scale) {
   Shape s = shape_of(q, k);
   if (ffi::Error error = check(s); error.failure()) return error;
-  auto launch = [&](auto dim) {
+  with_head_dim(s.head_dim, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    parallel_for(pool, s.batch * s.heads, forward_work<D>(s),
-                 [&, s](int64_t task, float* work) {
-                   forward_task<D>(q.typed_data(), k.typed_data(), v.typed_data(),
-                                   out->typed_data(), lse->typed_data(), scale, s, task,
-                                   work);
-                 });
-  };
-  if (s.head_dim == 16) launch(std::integral_constant<int, 16>());
-  else if (s.head_dim == 32) launch(std::integral_constant<int, 32>());
-  else launch(std::integral_constant<int, 64>());
+    parallel_for(pool, s.batch * s.heads, forward_work<D>(s), [&, s](int64_t task, float* work) {
+      forward_task<D>(q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(),
+                      lse->typed_data(), scale, s, task, work);
+    });
+  });
   return ffi::Error::Success();
 }
 
@@ -322,19 +326,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> dv, float scale) {
   Shape s = shape_of(q, k);
   if (ffi::Error error = check(s); error.failure()) return error;
-  auto launch = [&](auto dim) {
+  with_head_dim(s.head_dim, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
-    parallel_for(pool, s.batch * s.heads, backward_work<D>(s),
-                 [&, s](int64_t task, float* work) {
-                   backward_task<D>(q.typed_data(), k.typed_data(), v.typed_data(),
-                                    out.typed_data(), lse.typed_data(), dout.typed_data(),
-                                    dq->typed_data(), dk->typed_data(), dv->typed_data(),
-                                    scale, s, task, work);
-                 });
-  };
-  if (s.head_dim == 16) launch(std::integral_constant<int, 16>());
-  else if (s.head_dim == 32) launch(std::integral_constant<int, 32>());
-  else launch(std::integral_constant<int, 64>());
+    parallel_for(pool, s.batch * s.heads, backward_work<D>(s), [&, s](int64_t task, float* work) {
+      backward_task<D>(q.typed_data(), k.typed_data(), v.typed_data(), out.typed_data(),
+                       lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(),
+                       dv->typed_data(), scale, s, task, work);
+    });
+  });
   return ffi::Error::Success();
 }
 
