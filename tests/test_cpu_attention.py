@@ -18,7 +18,7 @@ from vimjax.models import cpu_attention
 from vimjax.models import layers
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
-                                reason="no C++ compiler to build the kernel")
+                                reason="the kernel could not be built here (see the warning)")
 
 
 def _reference(q, k, v, g, scale):
