@@ -4,8 +4,9 @@
 not causal, no attention dropout, head_dim 16, 32 or 64, query lengths that are
 multiples of 8 and key lengths multiples of 32 (the ViT tokenizer's attention).
 Everything else takes `layers.heads_major_attention`. At issue 13's tokenizer
-dims (BUILD_NOTES.md, "Speed (issue 13)") the forward + backward of a layer takes
-~23 ms here against ~50 for XLA's batched matmuls, transposes and softmax.
+dims the forward + backward of a layer takes 21 ms here against 43 for XLA's
+batched matmuls, transposes and softmax (BUILD_NOTES.md, "Speed (issue 13)",
+seventh round; `benchmarks/micro_attention.py attention_backward_designs`).
 
 The kernel is compiled on first use, for this machine (`-march=native`), with the
 C++ compiler in $CXX (default g++), against jaxlib's FFI headers, into
