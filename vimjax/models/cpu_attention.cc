@@ -5,7 +5,7 @@
 // and writes every [b, heads, q, k] intermediate to memory (BUILD_NOTES.md,
 // "Speed (issue 13)"). Here each (example, head) pair is one task: its q, k, v
 // rows are gathered from the [b, length, heads, head_dim] layout into cache-sized
-// blocks, 8 query rows at a time go through logits -> softmax -> output without
+// blocks, a few query rows at a time (Rows<D>) go through logits -> softmax -> output without
 // leaving L1, and the backward pass recomputes the probabilities from the saved
 // log-sum-exp (flash attention's scheme), so no [q, k] tensor is ever stored.
 //
@@ -34,6 +34,7 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
 constexpr int kKeyBlock = 32;  // Key lengths must be multiples of this (two vectors).
+constexpr int kQueryBlock = 8;  // Query lengths: multiples of every Rows<D>().
 
 // A memory broadcast (vbroadcastss m32): `(v16){} + x` costs an add and a shuffle.
 inline v16 splat(float x) { return (v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
@@ -275,7 +276,7 @@ ffi::Error check(const Shape& s) {
   if (s.head_dim != 16 && s.head_dim != 32 && s.head_dim != 64)
     return ffi::Error::InvalidArgument("cpu_attention: head_dim " + std::to_string(s.head_dim) +
                                        "; valid: 16, 32, 64.");
-  if (s.kv_len % kKeyBlock != 0 || s.q_len % 8 != 0)
+  if (s.kv_len % kKeyBlock != 0 || s.q_len % kQueryBlock != 0)
     return ffi::Error::InvalidArgument(
         "cpu_attention: lengths q=" + std::to_string(s.q_len) + ", k=" +
         std::to_string(s.kv_len) + "; valid: q a multiple of 8, k a multiple of 32.");

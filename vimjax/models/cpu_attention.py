@@ -86,11 +86,14 @@ def _cpu_identity() -> str:
     return ""
 
 
+def _compiler() -> str:
+  return os.environ.get("CXX", "g++")
+
+
 def library_path() -> pathlib.Path:
   """Where this source, built for this machine, is (or would be) cached."""
-  compiler = os.environ.get("CXX", "g++")
   key = hashlib.sha256("\0".join([
-      SOURCE.read_text(), compiler, " ".join(_FLAGS), jaxlib.__version__, _cpu_identity(),
+      SOURCE.read_text(), _compiler(), " ".join(_FLAGS), jaxlib.__version__, _cpu_identity(),
   ]).encode()).hexdigest()[:16]
   cache = pathlib.Path(os.environ.get(CACHE_ENV) or
                        pathlib.Path.home() / ".cache" / "vimjax" / "kernels")
@@ -106,7 +109,7 @@ def build() -> pathlib.Path:
   path = library_path()
   if path.exists():
     return path
-  compiler = os.environ.get("CXX", "g++")
+  compiler = _compiler()
   if shutil.which(compiler) is None:
     raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +207,11 @@ def cpu_attention(query, key, value, scale: float = 1.0):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return attention(query, key, value)
-  batch_axes, heads_axes, _, _ = splash.batch_heads_spec(mesh, query.shape[0], query.shape[2])
+  per_shard = splash.batch_heads_spec(mesh, query.shape[0], query.shape[2])
+  if per_shard is None:
+    raise ValueError("cpu_attention: activation length / head_dim are sharded; the kernel "
+                     "shards over batch and heads only (check cpu_attention.fits first).")
+  batch_axes, heads_axes, _, _ = per_shard
   spec = jax.sharding.PartitionSpec(batch_axes, None, heads_axes, None)
   return jax.shard_map(attention, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(query, key, value)

@@ -562,7 +562,8 @@ class Attention(nn.Module):
     elif not use_dropout and not cpu_attention.in_xla_reference() and (
         self.implementation == "cpu_kernel" or (auto and target_platform() == "cpu"
         and cpu_attention.fits(query, key, mask, causal))):
-      if not cpu_attention.fits(query, key, mask, causal):
+      if self.implementation == "cpu_kernel" and not cpu_attention.fits(
+          query, key, mask, causal):  # ("auto" came here because it fits.)
         raise ValueError(
             f"Attention implementation='cpu_kernel' does not fit query {query.shape} "
             f"{query.dtype}, key {key.shape}, mask {None if mask is None else mask.shape}, "
