@@ -165,3 +165,8 @@ def test_paths_flag_and_gan_mode_validate_before_anything_runs():
     benchmark.run(vitvqgan.get_config("tiny"), mode="gan", steps=1, warmup=0)
   with pytest.raises(ValueError, match="task='vim'"):
     benchmark.run(_stage2("vim"), mode="gan", steps=1, warmup=0)
+  lazy = vitvqgan.get_config("tiny")
+  lazy.loss.update(adversarial_weight=0.1, r1_gamma=10.0, r1_interval=16)
+  with pytest.raises(ValueError, match=r"--steps=2 with lazy R1 \(loss.r1_interval=16\).*"
+                     r"use --steps=16"):
+    benchmark.run(lazy, mode="gan", steps=2, warmup=0)

@@ -61,3 +61,27 @@ def test_shuffled_class_accuracy_uses_a_derangement():
   labels = shapes.classify_images(images)
   assert np.mean(labels == np.asarray([source[i]["label"] for i in range(64)])) >= 0.9
   assert demo.shuffled_class_accuracy(images, labels) < 0.5
+
+
+@pytest.mark.parametrize("seed, expected", [(3, 3), (None, 0)])
+def test_seed_reaches_every_stage(monkeypatch, tmp_path, seed, expected):
+  """--seed seeds the tokenizer, Parti, the reranker and the sampler; unset, the configs' 0."""
+  trained, sampled = [], []
+  metrics = dict(psnr=0.0, ssim=0.0, codebook_usage=0.0, perplexity=0.0, bits_per_token=0.0,
+                 image_to_text=0.0, text_to_image=0.0, chance=0.0)
+  monkeypatch.setattr(demo.loop, "train_and_evaluate",
+                      lambda config, workdir: trained.append(config.seed) or {})
+  monkeypatch.setattr(demo.loop, "evaluate_workdir", lambda config, workdir: dict(metrics))
+  monkeypatch.setattr(demo, "reconstruction_scores", lambda workdir: {})
+  monkeypatch.setattr(demo.encoding, "run", lambda *args, **kwargs: None)
+  monkeypatch.setattr(demo.vocab, "run", lambda *args, **kwargs: {"model": "spm.model"})
+
+  def sample(config, workdir, **kwargs):
+    sampled.append(kwargs["seed"])
+    return {"images": np.zeros((kwargs["num_samples"] * len(kwargs["prompts"]), 32, 32, 3)),
+            "candidate_prompt_adherence": 0.0, "oracle_prompt_adherence": 0.0}
+
+  monkeypatch.setattr(demo.generate, "sample_from_workdir", sample)
+  monkeypatch.setattr(demo.generate, "write_outputs", lambda result, out: None)
+  demo.run(str(tmp_path), seed=seed)
+  assert trained == [expected] * 3 and sampled == [expected]  # Tokenizer, Parti, reranker.

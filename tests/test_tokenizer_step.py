@@ -95,3 +95,76 @@ def test_mfu_counts_the_gan_flops_only_in_the_gan_phase():
   # A logging window straddling the start: steps 0..3 = 2 without, 2 with the GAN.
   assert flops.flops_between(phases, 0, 4) == 2 * before + 2 * during
   assert flops.flops_between(phases, 3, 5) == 2 * during
+
+
+def _one_step(config, step: int):
+  """(params after, metrics) of one real train step from the seed-0 init at `step`."""
+  mesh = parallel.create_mesh(config.mesh)
+  rules = parallel.rules_from_config(config.mesh)
+  images = jax.random.uniform(jax.random.key(3), (8, 16, 16, 3))
+  batch = {"image": images, "label": jnp.zeros((8,), jnp.int32), "mask": jnp.ones((8,), jnp.int32)}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    task = tasks.build(config, mesh)
+    state, shardings = loop.create_sharded_state(task, mesh, rules, jax.random.key(0))
+    state = state.replace(step=jax.device_put(jnp.int32(step), shardings.step))
+    state, metrics = jax.jit(task.train_step)(state, batch, jax.random.key(7), task.frozen)
+  return jax.device_get(state.params), {k: float(v) for k, v in metrics.items()}
+
+
+def test_lazy_r1_pays_interval_times_r1_on_its_steps_and_nothing_between():
+  gamma, interval = 1.0, 2
+  lazy = _config().copy_and_resolve_references()
+  with lazy.unlocked():
+    lazy.loss.r1_gamma, lazy.loss.r1_interval = gamma, interval
+  assert tokenizer.is_r1_step(lazy.loss, START) and not tokenizer.is_r1_step(lazy.loss, START + 1)
+  eager = config_with(lazy, r1_gamma=gamma * interval, r1_interval=1)  # Same weight, every step.
+  without = config_with(lazy, r1_gamma=0.0)
+  disc = lambda params: params["discriminator"]
+  # The R1 step: the discriminator update of gamma x interval R1 on every step.
+  params, metrics = _one_step(lazy, START)
+  params_eager, metrics_eager = _one_step(eager, START)
+  assert np.isfinite(metrics["r1"]) and metrics["r1"] > 0
+  np.testing.assert_allclose(metrics["r1"], metrics_eager["r1"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               disc(params), disc(params_eager))
+  # Between: no R1 (NaN metric), the update of the same config without it ...
+  params, metrics = _one_step(lazy, START + 1)
+  params_without, _ = _one_step(without, START + 1)
+  params_eager, _ = _one_step(eager, START + 1)
+  assert np.isnan(metrics["r1"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               disc(params), disc(params_without))
+  # ... which R1 would have moved.
+  assert _max_abs_difference(disc(params), disc(params_eager)) > 1e-5
+
+
+def config_with(config, **loss):
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.loss.update(loss)
+  return config
+
+
+def _max_abs_difference(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_lazy_r1_flops_are_the_mean_of_the_two_programs():
+  lazy = config_with(_config(), r1_gamma=1.0, r1_interval=4)
+  task = tasks.get(lazy)
+  every = flops.model_flops_per_step(task, config_with(lazy, r1_interval=1))
+  without = flops.model_flops_per_step(task, config_with(lazy, r1_gamma=0.0))
+  assert every > without
+  np.testing.assert_allclose(flops.model_flops_per_step(task, lazy),
+                             every / 4 + without * 3 / 4, rtol=1e-12)
+
+
+def test_logged_r1_averages_the_steps_that_computed_it():
+  empty, accumulate = loop.metrics_accumulator(["r1", "loss"], intermittent=("r1",))
+  acc = empty
+  for r1, loss in ((1.0, 1.0), (np.nan, 2.0), (3.0, np.nan)):
+    acc = accumulate(acc, {"r1": jnp.float32(r1), "loss": jnp.float32(loss)})
+  logged = acc.compute()
+  assert float(logged["r1"]) == 2.0
+  assert np.isnan(float(logged["loss"]))  # Any other metric keeps a NaN visible.

@@ -45,6 +45,7 @@ def micro_config(**overrides):
     config.loss.logit_laplace_weight = 0.1  # Off in tiny; keep the paper's loss covered.
     config.loss.adversarial_start_step = 2
     config.loss.r1_gamma = 1.0
+    config.loss.r1_interval = 2  # Lazy R1: step 2 pays it, step 3 does not.
     config.loss.lecam_weight = 0.01
     config.optimizer.warmup_steps = 1
     config.disc_optimizer.warmup_steps = 1

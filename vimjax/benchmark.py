@@ -16,6 +16,9 @@ checkpoint) and prints one final JSON line.
   --mode=gan     the tokenizer's whole GAN step (perceptual loss, StyleGAN
                  discriminator, R1, LeCam): train mode timed from
                  loss.adversarial_start_step; refuses a config without the GAN.
+                 With lazy R1 (loss.r1_interval > 1, R1 on one GAN step in
+                 r1_interval) --steps must be a multiple of r1_interval, so
+                 that step_time_s and mfu are those of the mean step.
                  Missing LPIPS weights: zeros of the same shapes stand in (timing only).
   --profile_dir  after the timed steps, traces `--profile_steps` more under
                  jax.profiler (TensorBoard / XProf trace in that directory) and
@@ -34,9 +37,10 @@ branch, and it counts remat recomputation. So flops_per_step is the cost
 analysis of the *lowered* (global, unpartitioned) step of a copy of the config
 with model.scan_layers=False and model.remat_policy="none": the model's FLOPs.
 `compiled_flops_per_device` is what the compiled, partitioned program reports
-(what the training loop's MFU uses). The tokenizer's step is a `cond` on the
+(what the training loop's MFU uses). The tokenizer's step is a `switch` on the
 adversarial phase, so it is timed from `loss.adversarial_start_step` (the GAN
-phase, the costlier branch) unless --start_step says otherwise.
+phase, the costlier branch) unless --start_step says otherwise; with lazy R1
+flops_per_step is the mean of the R1 and the plain GAN step (`task.flops_mix`).
 
 Any config field can be overridden, e.g. a ~60M-param Parti:
 
@@ -118,14 +122,20 @@ def _default_start_step(config) -> int:
   return int(tasks.get(config).flops_phases(config)[-1][0])
 
 
-def check_gan_config(config) -> None:
-  """--mode=gan needs a config with an adversarial phase (the tokenizer's GAN)."""
+def check_gan_config(config, steps: int) -> None:
+  """--mode=gan needs a config with an adversarial phase (the tokenizer's GAN), and
+  with lazy R1 timed steps that hold whole R1 periods (their mean is the mean step)."""
   weight = config.get("loss", {}).get("adversarial_weight", 0.0)
   if weight <= 0:
     raise ValueError(f"--mode=gan times the tokenizer's GAN step; task={config.task!r}, "
                      f"loss.adversarial_weight={weight if 'loss' in config else None} (needs a "
                      "tokenizer config with loss.adversarial_weight > 0, e.g. "
                      "--config.loss.adversarial_weight=0.1).")
+  interval = config.loss.get("r1_interval", 1)
+  if config.loss.get("r1_gamma", 0.0) > 0 and steps % interval:
+    raise ValueError(f"--steps={steps} with lazy R1 (loss.r1_interval={interval}): the timed "
+                     f"steps must hold whole R1 periods; use --steps={interval} (or a "
+                     "multiple), or --config.loss.r1_interval=1 to time R1 on every step.")
 
 
 def benchmark_train(config, *, steps: int, warmup: int, start_step: int | None = None,
@@ -312,7 +322,7 @@ def run(config, *, mode: str, steps: int, warmup: int, start_step: int | None = 
     return benchmark_sample(config, repeats=steps, batch_size=sample_batch_size, paths=paths,
                             profile_dir=profile_dir)
   if mode == "gan":
-    check_gan_config(config)
+    check_gan_config(config, steps)
   result = benchmark_train(config, steps=steps, warmup=warmup, start_step=start_step,
                            profile_dir=profile_dir, profile_steps=profile_steps)
   return {**result, "mode": mode}

@@ -19,7 +19,7 @@ POSITIVE_INTS = frozenset((
     "num_heads", "emb_dim", "mlp_dim", "codebook_size", "lookup_dim", "patch_size",
     "base_channels", "max_channels", "mbstd_group_size", "accumulation_steps", "grid_size",
     "num_classes", "encoder_layers", "decoder_layers", "max_text_length", "text_vocab_size",
-    "cache_segments"))
+    "cache_segments", "r1_interval"))
 # Steps, counts where 0 means "off" or "all": an integer >= 0.
 NON_NEGATIVE_INTS = frozenset((
     "seed", "num_train_examples", "num_eval_examples", "worker_count", "prefetch_buffer_size",

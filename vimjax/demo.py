@@ -57,6 +57,9 @@ def _define_flags():
   flags.DEFINE_integer("num_candidates", NUM_CANDIDATES, "Parti: samples drawn per prompt, "
                        "reranked by the dual encoder; <= samples_per_prompt = no reranking.")
   flags.DEFINE_integer("reranker_steps", 0, "0 = the tiny contrastive config's.")
+  flags.DEFINE_integer("seed", None, "Seed of every stage's init, data order and sampling "
+                       "(default: each config's, 0); a seed sweep shows how much the "
+                       "metrics move between runs.")
 
 
 NUM_ENCODED = {"train": 10_000, "eval": 512}  # Shapes examples turned into tokens.
@@ -123,6 +126,7 @@ def train_reranker(workdir: str, config, steps: int = 0) -> dict:
   """Trains the tiny dual encoder on the Parti config's tokens and vocabulary."""
   rerank_config = contrastive_configs.get_config("tiny")
   with rerank_config.unlocked():
+    rerank_config.seed = config.seed
     rerank_config.tokenizer_workdir = config.tokenizer_workdir
     rerank_config.data.source = config.data.source
     rerank_config.data.text_tokenizer = config.data.text_tokenizer
@@ -134,13 +138,15 @@ def train_reranker(workdir: str, config, steps: int = 0) -> dict:
 
 def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int = 0,
         num_prompts: int = 16, samples_per_prompt: int = 2,
-        num_candidates: int = NUM_CANDIDATES, reranker_steps: int = 0) -> dict:
+        num_candidates: int = NUM_CANDIDATES, reranker_steps: int = 0,
+        seed: int | None = None) -> dict:
   """Runs every stage under `workdir`; returns the final metrics.
 
   `config` is the stage-2 config (default: configs/parti.py:tiny); a `vim` one
   trains the class-conditional VIM instead and scores class accuracy. Parti
   samples are reranked (the best samples_per_prompt of num_candidates) when
-  num_candidates > samples_per_prompt.
+  num_candidates > samples_per_prompt. `seed`, when given, seeds every stage
+  (init, data order, sampling) in place of the configs' seeds.
   """
   config = parti_configs.get_config("tiny") if config is None else config
   task = tasks.get_sampling(config, "--config (configs/parti.py:tiny or configs/vim.py:tiny)")
@@ -150,6 +156,8 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
 
   logging.info("[1/5] Training the tiny ViT-VQGAN.")
   tok_config = vitvqgan.get_config("tiny")
+  if seed is not None:
+    tok_config.seed = seed
   if tokenizer_steps:
     tok_config.total_steps = tokenizer_steps
   tok_train = loop.train_and_evaluate(tok_config, tok_dir)
@@ -163,6 +171,8 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
 
   with config.unlocked():
     config.tokenizer_workdir = tok_dir
+    if seed is not None:
+      config.seed = seed
     config.data.source = f"array_record:{tokens_dir}/{{split}}/tokens-{{split}}-*.array_record"
     if parti_steps:
       config.total_steps = parti_steps
@@ -186,7 +196,7 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
   if kind == "prompt":
     prompts = held_out_prompts(num_prompts)
     result = generate.sample_from_workdir(
-        config, stage2_dir, prompts=prompts, num_samples=samples_per_prompt, seed=0,
+        config, stage2_dir, prompts=prompts, num_samples=samples_per_prompt, seed=config.seed,
         rerank_workdir=rerank_dir if rerank else None,
         num_candidates=num_candidates if rerank else 0)
     scenes = [shapes.parse_caption(p) for p in prompts for _ in range(samples_per_prompt)]
@@ -201,7 +211,7 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
   else:
     class_ids = [i % config.model.num_classes for i in range(num_prompts)]
     result = generate.sample_from_workdir(config, stage2_dir, class_ids=class_ids,
-                                          num_samples=samples_per_prompt, seed=0)
+                                          num_samples=samples_per_prompt, seed=config.seed)
     labels = np.repeat(np.asarray(class_ids), samples_per_prompt)
     scores = {"class_accuracy": result["class_accuracy"],
               "shuffled_class_accuracy": shuffled_class_accuracy(result["images"], labels)}
@@ -227,7 +237,7 @@ def main(argv):
   result = run(f.workdir, f.config, tokenizer_steps=f.tokenizer_steps,
                parti_steps=f.parti_steps, num_prompts=f.num_prompts,
                samples_per_prompt=f.samples_per_prompt, num_candidates=f.num_candidates,
-               reranker_steps=f.reranker_steps)
+               reranker_steps=f.reranker_steps, seed=f.seed)
   runtime.emit_result(result, flags.FLAGS.workdir, "demo_result")
 
 

@@ -52,8 +52,13 @@ def model_flops_per_step(task, config, batch: Any = None, executed: bool = False
     FLOPs of the whole step over all devices (divide by the device count for
     a per-device number). A step with a `cond` (the tokenizer's adversarial
     phase) counts its costlier branch (`model_flops_by_phase` splits the run
-    into the task's phases, for MFU).
+    into the task's phases, for MFU); a step that alternates between programs
+    (the tokenizer's lazy R1) counts their mean (`task.flops_mix`).
   """
+  mix = task.flops_mix(config)
+  if len(mix) > 1:
+    return sum(weight * model_flops_per_step(task, part, batch, executed)
+               for weight, part in mix)
   flat = config.copy_and_resolve_references()
   with flat.unlocked():
     flat.model.scan_layers = False

@@ -113,6 +113,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       adversarial_weight=0.0 if tiny else 0.1,
       adversarial_start_step=300 if tiny else 50_000,
       r1_gamma=0.0 if tiny else 10.0,
+      # StyleGAN2's lazy regularisation: R1 on every 16th D step, weighted x16
+      # (r1_interval=1: every step).
+      r1_interval=16,
       lecam_weight=0.0 if tiny else 1e-3,
       lecam_ema_decay=0.99,
       entropy_weight=0.01 if tiny else 0.0,

@@ -47,6 +47,7 @@ def transformer_kwargs(model_config) -> dict[str, Any]:
 INPUT = "tokens"
 EVAL_IMAGES = "samples"
 flops_phases = base.single_phase
+flops_mix = base.single_program
 
 
 def tokens_per_example(config) -> int:

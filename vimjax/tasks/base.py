@@ -42,6 +42,9 @@ class Steps:
     compute_dtype: the model's compute dtype, for the measured peak FLOP/s.
     data_transforms: extra per-example grain maps (e.g. caption tokenization),
       run in the data workers for the train and eval iterators.
+    intermittent_metrics: train metrics that some steps do not compute (NaN on
+      them, e.g. the tokenizer's lazy `r1`); logs average them over the steps
+      that did.
   """
   init: Callable[..., Any]
   train_step: Callable[..., Any]
@@ -50,6 +53,7 @@ class Steps:
   frozen: Any = None
   compute_dtype: str = "float32"
   data_transforms: tuple = ()
+  intermittent_metrics: tuple[str, ...] = ()
 
 
 # (params, conditions, rng, lower=False) -> tokens [b, n] int32 (with `lower`, the
@@ -103,6 +107,11 @@ class Task(Protocol):
   def flops_phases(self, config) -> tuple[tuple[int, Any], ...]:
     """((first step, config whose train step runs from it), ...) in step order."""
 
+  def flops_mix(self, config) -> tuple[tuple[float, Any], ...]:
+    """((weight, config), ...): one step of `config` costs, on average, the
+    weighted FLOPs of these configs' steps (a step that alternates between
+    programs, e.g. the tokenizer's lazy R1); most tasks: ((1.0, config),)."""
+
   def conditioning(self, config) -> str:
     """What its samples are conditioned on, one of `CONDITIONINGS`."""
 
@@ -116,6 +125,11 @@ class Task(Protocol):
 def single_phase(config) -> tuple[tuple[int, Any], ...]:
   """`Task.flops_phases` of a task whose step is the same all run long."""
   return ((0, config),)
+
+
+def single_program(config) -> tuple[tuple[float, Any], ...]:
+  """`Task.flops_mix` of a task whose every step runs the same program."""
+  return ((1.0, config),)
 
 
 def spec(shape, dtype=np.int32) -> jax.ShapeDtypeStruct:

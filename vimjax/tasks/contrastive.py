@@ -37,6 +37,7 @@ EVAL_IMAGES = None  # A dual encoder generates no images.
 LAYER_KEYS = ("image_layers", "text_layers")
 make_sampler = None  # It scores samples (reranking), it does not draw them.
 flops_phases = base.single_phase
+flops_mix = base.single_program
 
 
 def build_model(config) -> dual_encoder.DualEncoder:

@@ -24,6 +24,7 @@ INPUT = autoregressive.INPUT
 EVAL_IMAGES = autoregressive.EVAL_IMAGES
 LAYER_KEYS = ("encoder_layers", "decoder_layers")
 flops_phases = autoregressive.flops_phases
+flops_mix = autoregressive.flops_mix
 tokens_per_example = autoregressive.tokens_per_example
 
 

@@ -8,7 +8,10 @@ codebook-usage EMA are loaded and frozen, only the decoder trains; dead-code
 restarts and usage updates are off, so the run encodes every image to the same
 ids as the tokenizer it started from.
 The discriminator's optimizer starts at loss.adversarial_start_step and reads
-its schedule at the global step.
+its schedule at the global step. R1 is lazy, as in StyleGAN2: every
+loss.r1_interval-th GAN step (the first one included) adds r1_interval * gamma / 2
+* R1 to the discriminator's loss; the steps between skip its gradient of a
+gradient (the `r1` metric is NaN on them and left out of the logged average).
 """
 import dataclasses
 import functools
@@ -134,8 +137,13 @@ class Parts:
     return self.loss.adversarial_weight > 0
 
   @property
+  def lazy_r1(self) -> bool:
+    """R1 on every r1_interval-th GAN step only (a third branch of the step's switch)."""
+    return self.loss.r1_gamma > 0 and self.loss.r1_interval > 1
+
+  @property
   def adversarial_metric_keys(self) -> tuple[str, ...]:
-    """Metrics of the GAN phase, zero before it (the cond's branches return the same keys)."""
+    """Metrics of the GAN phase, zero before it (the switch's branches return the same keys)."""
     lw = self.loss
     return (("g_adversarial", "d_loss", "d_real", "d_fake", "d_grad_norm", "d_lr")
             + ("r1",) * (lw.r1_gamma > 0) + ("lecam",) * (lw.lecam_weight > 0))
@@ -197,11 +205,15 @@ def generator_loss(parts: Parts, g_params, d_params, lpips_params, images, rng,
   return total, (terms, recon, aux)
 
 
-def discriminator_loss(parts: Parts, d_params, images, fakes, extra):
-  """(total loss, (terms, updated LeCam EMAs)) of the discriminator."""
+def discriminator_loss(parts: Parts, d_params, images, fakes, extra, with_r1: bool = True):
+  """(total loss, (terms, updated LeCam EMAs)) of the discriminator.
+
+  `with_r1` (a Python bool): this step pays R1, weighted r1_interval * gamma / 2
+  (lazy R1); without it, terms["r1"] is NaN (not computed this step).
+  """
   lw = parts.loss
   apply = lambda x: parts.disc.apply({"params": d_params}, x)
-  if lw.r1_gamma > 0:  # The reals' forward pass serves the logits and R1's gradient.
+  if lw.r1_gamma > 0 and with_r1:  # The reals' pass serves the logits and R1's gradient.
     real_logits, r1 = losses.logits_and_r1_penalty(apply, images)
   else:
     real_logits, r1 = apply(images), None
@@ -211,7 +223,9 @@ def discriminator_loss(parts: Parts, d_params, images, fakes, extra):
   total = terms["d_loss"]
   if r1 is not None:
     terms["r1"] = r1
-    total += 0.5 * lw.r1_gamma * r1
+    total += 0.5 * lw.r1_gamma * lw.r1_interval * r1
+  elif lw.r1_gamma > 0:
+    terms["r1"] = jnp.full((), jnp.nan, jnp.float32)
   lecam_ema = (extra["lecam_real"], extra["lecam_fake"])
   if lw.lecam_weight > 0:
     # The EMAs updated with this step's logits, as the LeCam authors' code does.
@@ -222,8 +236,12 @@ def discriminator_loss(parts: Parts, d_params, images, fakes, extra):
   return total, (terms, lecam_ema)
 
 
-def update(parts: Parts, state, batch, rng, lpips_params, adversarial: bool):
-  """One G (+ D when `adversarial`, a Python bool) update: (state, metrics)."""
+def update(parts: Parts, state, batch, rng, lpips_params, adversarial: bool,
+           with_r1: bool = True):
+  """One G (+ D when `adversarial`, a Python bool) update: (state, metrics).
+
+  `with_r1`: the D update pays R1 (see `discriminator_loss`).
+  """
   lw = parts.loss
   images = batch["image"]
   g_rng, code_rng = jax.random.split(rng)
@@ -249,7 +267,7 @@ def update(parts: Parts, state, batch, rng, lpips_params, adversarial: bool):
   opt_state = {**state.opt_state, "generator": g_opt}
   if adversarial:
     (_, (d_terms, lecam_ema)), d_grads = jax.value_and_grad(
-        functools.partial(discriminator_loss, parts), has_aux=True)(
+        functools.partial(discriminator_loss, parts, with_r1=with_r1), has_aux=True)(
             d_params, images, recon, state.extra)
     d_updates, opt_state["discriminator"] = parts.d_tx.update(
         d_grads, state.opt_state["discriminator"], d_params)
@@ -277,17 +295,25 @@ def update(parts: Parts, state, batch, rng, lpips_params, adversarial: bool):
   return new_state, metrics
 
 
+def is_r1_step(loss, step):
+  """Whether the GAN step `step` (>= adversarial_start_step) pays lazy R1."""
+  return (step - loss.adversarial_start_step) % loss.r1_interval == 0
+
+
 def train_step(parts: Parts, state, batch, rng, lpips_params):
   """`update`, with the GAN from loss.adversarial_start_step on (one compiled step)."""
   if not parts.use_adversarial:
     return update(parts, state, batch, rng, lpips_params, adversarial=False)
   # The discriminator and the adversarial loss start together; before that the
-  # cond skips their compute entirely.
-  return jax.lax.cond(
-      state.step >= parts.loss.adversarial_start_step,
-      functools.partial(update, parts, adversarial=True),
-      functools.partial(update, parts, adversarial=False),
-      state, batch, rng, lpips_params)
+  # switch skips their compute entirely, as it skips R1 between lazy R1 steps.
+  branches = [functools.partial(update, parts, adversarial=False),
+              functools.partial(update, parts, adversarial=True)]
+  gan = state.step >= parts.loss.adversarial_start_step
+  index = gan.astype(jnp.int32)
+  if parts.lazy_r1:
+    branches.append(functools.partial(update, parts, adversarial=True, with_r1=False))
+    index = jnp.where(gan & ~is_r1_step(parts.loss, state.step), 2, index)
+  return jax.lax.switch(index, branches, state, batch, rng, lpips_params)
 
 
 def eval_step(parts: Parts, state, batch, lpips_params):
@@ -358,7 +384,8 @@ def build(config, mesh) -> base.Steps:
       train_step=functools.partial(train_step, parts),
       eval_step=functools.partial(eval_step, parts),
       summarize_eval=functools.partial(summarize_eval, parts), frozen=frozen,
-      compute_dtype=config.model.dtype)
+      compute_dtype=config.model.dtype,
+      intermittent_metrics=("r1",) if parts.lazy_r1 else ())
 
 
 def abstract_params(config) -> dict:
@@ -429,6 +456,18 @@ def flops_phases(config) -> tuple[tuple[int, Any], ...]:
   with before.unlocked():
     before.loss.adversarial_weight = 0.0
   return ((0, before), (int(lw.adversarial_start_step), config))
+
+
+def flops_mix(config) -> tuple[tuple[float, Any], ...]:
+  """With lazy R1, one GAN step in r1_interval pays R1: the mean of the two programs."""
+  lw = config.loss
+  if not (lw.adversarial_weight > 0 and lw.r1_gamma > 0 and lw.r1_interval > 1):
+    return base.single_program(config)
+  every, without = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+  with every.unlocked(), without.unlocked():
+    every.loss.r1_interval = 1
+    without.loss.r1_gamma = 0.0
+  return ((1.0 / lw.r1_interval, every), (1.0 - 1.0 / lw.r1_interval, without))
 
 
 def conditioning(config) -> str:

@@ -21,6 +21,7 @@ INPUT = autoregressive.INPUT
 EVAL_IMAGES = autoregressive.EVAL_IMAGES
 LAYER_KEYS = ("num_layers",)
 flops_phases = autoregressive.flops_phases
+flops_mix = autoregressive.flops_mix
 tokens_per_example = autoregressive.tokens_per_example
 validate = autoregressive.validate
 

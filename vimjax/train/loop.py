@@ -18,8 +18,10 @@ from absl import logging
 from clu import metrics as clu_metrics
 from clu import periodic_actions
 from etils import epath
+import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vimjax import checkpoint
@@ -136,10 +138,29 @@ def evaluate_workdir(config, workdir: str) -> dict:
   return {**metrics, "step": step}
 
 
-def metrics_accumulator(names):
-  """(empty clu Collection of Averages, jitted accumulate): one dispatch per step."""
+def _average_of_computed(name: str):
+  """A clu Average of metric `name` over the steps that computed it (NaN: did not)."""
+  @flax.struct.dataclass
+  class AverageOfComputed(clu_metrics.Average):
+
+    @classmethod
+    def from_model_output(cls, **outputs):
+      value = jnp.asarray(outputs[name], jnp.float32).reshape(-1)
+      computed = jnp.isfinite(value)
+      return super().from_model_output(jnp.where(computed, value, 0.0), mask=computed)
+
+  return AverageOfComputed
+
+
+def metrics_accumulator(names, intermittent: tuple[str, ...] = ()):
+  """(empty clu Collection of Averages, jitted accumulate): one dispatch per step.
+
+  `intermittent` metrics (`base.Steps.intermittent_metrics`) average over the
+  steps that computed them.
+  """
   collection = clu_metrics.Collection.create(
-      **{n: clu_metrics.Average.from_output(n) for n in names})
+      **{n: _average_of_computed(n) if n in intermittent else clu_metrics.Average.from_output(n)
+         for n in names})
   accumulate = jax.jit(lambda acc, m: acc.merge(collection.single_from_model_output(**m)))
   return collection.empty(), accumulate
 
@@ -242,7 +263,7 @@ def _loop(config, workdir, task, state, state_sh, train_iter, ckpt, writer, mesh
   preempted = False
   result = {}
   metric_names = jax.eval_shape(step_fn, state, batch, step_rng, task.frozen)[1]
-  empty_metrics, accumulate = metrics_accumulator(metric_names)
+  empty_metrics, accumulate = metrics_accumulator(metric_names, task.intermittent_metrics)
   train_metrics, last_log, last_log_step = empty_metrics, time.perf_counter(), start
   total_skipped = skipped
   # Non-finite steps so far (`health`, on device) and at the last log (host).
