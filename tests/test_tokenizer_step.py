@@ -1,4 +1,6 @@
-"""The tokenizer's train step (real task build) at the GAN start: D schedule, LeCam, MFU phases."""
+"""The tokenizer's train step (real task build) at the GAN start: D schedule, LeCam, lazy R1, MFU phases."""
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,17 +28,25 @@ def _config():
                         "disc_optimizer.weight_decay": 0.0})
 
 
-@pytest.fixture(scope="module")
-def run():
-  """States before each step and the step metrics, for state.step 0..3."""
-  config = _config()
+@contextlib.contextmanager
+def _built(config):
+  """Inside the config's mesh: (task steps, seed-0 sharded state, its shardings, a batch)."""
   mesh = parallel.create_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh)
   images = jax.random.uniform(jax.random.key(3), (8, 16, 16, 3))
   batch = {"image": images, "label": jnp.zeros((8,), jnp.int32), "mask": jnp.ones((8,), jnp.int32)}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     task = tasks.build(config, mesh)
-    state, _ = loop.create_sharded_state(task, mesh, rules, jax.random.key(0))
+    state, shardings = loop.create_sharded_state(task, mesh, rules, jax.random.key(0))
+    yield task, state, shardings, batch
+
+
+@pytest.fixture(scope="module")
+def run():
+  """States before each step and the step metrics, for state.step 0..3."""
+  config = _config()
+  with _built(config) as (task, state, _, batch):
+    images = batch["image"]
     step = jax.jit(task.train_step)
     states, metrics = [], []
     for i in range(START + 2):
@@ -99,13 +109,7 @@ def test_mfu_counts_the_gan_flops_only_in_the_gan_phase():
 
 def _one_step(config, step: int):
   """(params after, metrics) of one real train step from the seed-0 init at `step`."""
-  mesh = parallel.create_mesh(config.mesh)
-  rules = parallel.rules_from_config(config.mesh)
-  images = jax.random.uniform(jax.random.key(3), (8, 16, 16, 3))
-  batch = {"image": images, "label": jnp.zeros((8,), jnp.int32), "mask": jnp.ones((8,), jnp.int32)}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    task = tasks.build(config, mesh)
-    state, shardings = loop.create_sharded_state(task, mesh, rules, jax.random.key(0))
+  with _built(config) as (task, state, shardings, batch):
     state = state.replace(step=jax.device_put(jnp.int32(step), shardings.step))
     state, metrics = jax.jit(task.train_step)(state, batch, jax.random.key(7), task.frozen)
   return jax.device_get(state.params), {k: float(v) for k, v in metrics.items()}
