@@ -167,6 +167,8 @@ def test_paths_flag_and_gan_mode_validate_before_anything_runs():
     benchmark.run(_stage2("vim"), mode="gan", steps=1, warmup=0)
   lazy = vitvqgan.get_config("tiny")
   lazy.loss.update(adversarial_weight=0.1, r1_gamma=10.0, r1_interval=16)
-  with pytest.raises(ValueError, match=r"--steps=2 with lazy R1 \(loss.r1_interval=16\).*"
-                     r"use --steps=16"):
-    benchmark.run(lazy, mode="gan", steps=2, warmup=0)
+  for mode in ("gan", "train"):  # Train mode times the GAN phase too (the default start).
+    with pytest.raises(ValueError, match=r"--steps=2 with lazy R1 \(loss.r1_interval=16\).*"
+                       r"use --steps=16"):
+      benchmark.run(lazy, mode=mode, steps=2, warmup=0)
+  benchmark.check_r1_periods(lazy, 2, start_step=0)  # Timed before the GAN: no R1 steps.

@@ -18,7 +18,8 @@ checkpoint) and prints one final JSON line.
                  loss.adversarial_start_step; refuses a config without the GAN.
                  With lazy R1 (loss.r1_interval > 1, R1 on one GAN step in
                  r1_interval) --steps must be a multiple of r1_interval, so
-                 that step_time_s and mfu are those of the mean step.
+                 that step_time_s and mfu are those of the mean step (in
+                 train mode too, when the timed steps are GAN steps).
                  Missing LPIPS weights: zeros of the same shapes stand in (timing only).
   --profile_dir  after the timed steps, traces `--profile_steps` more under
                  jax.profiler (TensorBoard / XProf trace in that directory) and
@@ -122,19 +123,24 @@ def _default_start_step(config) -> int:
   return int(tasks.get(config).flops_phases(config)[-1][0])
 
 
-def check_gan_config(config, steps: int) -> None:
-  """--mode=gan needs a config with an adversarial phase (the tokenizer's GAN), and
-  with lazy R1 timed steps that hold whole R1 periods (their mean is the mean step)."""
+def check_gan_config(config) -> None:
+  """--mode=gan needs a config with an adversarial phase (the tokenizer's GAN)."""
   weight = config.get("loss", {}).get("adversarial_weight", 0.0)
   if weight <= 0:
     raise ValueError(f"--mode=gan times the tokenizer's GAN step; task={config.task!r}, "
                      f"loss.adversarial_weight={weight if 'loss' in config else None} (needs a "
                      "tokenizer config with loss.adversarial_weight > 0, e.g. "
                      "--config.loss.adversarial_weight=0.1).")
-  interval = config.loss.get("r1_interval", 1)
-  if config.loss.get("r1_gamma", 0.0) > 0 and steps % interval:
+
+
+def check_r1_periods(config, steps: int, start_step: int) -> None:
+  """Timed GAN steps with lazy R1 must hold whole R1 periods (their mean is the mean step)."""
+  loss = config.get("loss", {})
+  interval = loss.get("r1_interval", 1)
+  if (loss.get("adversarial_weight", 0.0) > 0 and loss.get("r1_gamma", 0.0) > 0
+      and start_step >= loss.get("adversarial_start_step", 0) and steps % interval):
     raise ValueError(f"--steps={steps} with lazy R1 (loss.r1_interval={interval}): the timed "
-                     f"steps must hold whole R1 periods; use --steps={interval} (or a "
+                     f"GAN steps must hold whole R1 periods; use --steps={interval} (or a "
                      "multiple), or --config.loss.r1_interval=1 to time R1 on every step.")
 
 
@@ -147,6 +153,7 @@ def benchmark_train(config, *, steps: int, warmup: int, start_step: int | None =
   prepare_config(config)
   task = tasks.get(config)
   start_step = _default_start_step(config) if start_step is None else start_step
+  check_r1_periods(config, steps, start_step)
   # Measured outside the mesh context: the matmul runs on one device.
   peak = flops.peak_flops_per_device(config.peak_flops_per_device, config.model.dtype)
   cpu_peak = matmul_flops_per_cpu_second() if jax.default_backend() == "cpu" else 0.0
@@ -322,7 +329,7 @@ def run(config, *, mode: str, steps: int, warmup: int, start_step: int | None = 
     return benchmark_sample(config, repeats=steps, batch_size=sample_batch_size, paths=paths,
                             profile_dir=profile_dir)
   if mode == "gan":
-    check_gan_config(config, steps)
+    check_gan_config(config)
   result = benchmark_train(config, steps=steps, warmup=warmup, start_step=start_step,
                            profile_dir=profile_dir, profile_steps=profile_steps)
   return {**result, "mode": mode}
