@@ -117,12 +117,10 @@ def _one_step(config, step: int):
 
 def test_lazy_r1_pays_interval_times_r1_on_its_steps_and_nothing_between():
   gamma, interval = 1.0, 2
-  lazy = _config().copy_and_resolve_references()
-  with lazy.unlocked():
-    lazy.loss.r1_gamma, lazy.loss.r1_interval = gamma, interval
+  lazy = _with_loss(_config(), r1_gamma=gamma, r1_interval=interval)
   assert tokenizer.is_r1_step(lazy.loss, START) and not tokenizer.is_r1_step(lazy.loss, START + 1)
-  eager = config_with(lazy, r1_gamma=gamma * interval, r1_interval=1)  # Same weight, every step.
-  without = config_with(lazy, r1_gamma=0.0)
+  eager = _with_loss(lazy, r1_gamma=gamma * interval, r1_interval=1)  # Same weight, every step.
+  without = _with_loss(lazy, r1_gamma=0.0)
   disc = lambda params: params["discriminator"]
   # The R1 step: the discriminator update of gamma x interval R1 on every step.
   params, metrics = _one_step(lazy, START)
@@ -142,7 +140,8 @@ def test_lazy_r1_pays_interval_times_r1_on_its_steps_and_nothing_between():
   assert _max_abs_difference(disc(params), disc(params_eager)) > 1e-5
 
 
-def config_with(config, **loss):
+def _with_loss(config, **loss):
+  """A copy of `config` with these loss fields."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.loss.update(loss)
@@ -155,10 +154,10 @@ def _max_abs_difference(a, b) -> float:
 
 
 def test_lazy_r1_flops_are_the_mean_of_the_two_programs():
-  lazy = config_with(_config(), r1_gamma=1.0, r1_interval=4)
+  lazy = _with_loss(_config(), r1_gamma=1.0, r1_interval=4)
   task = tasks.get(lazy)
-  every = flops.model_flops_per_step(task, config_with(lazy, r1_interval=1))
-  without = flops.model_flops_per_step(task, config_with(lazy, r1_gamma=0.0))
+  every = flops.model_flops_per_step(task, _with_loss(lazy, r1_interval=1))
+  without = flops.model_flops_per_step(task, _with_loss(lazy, r1_gamma=0.0))
   assert every > without
   np.testing.assert_allclose(flops.model_flops_per_step(task, lazy),
                              every / 4 + without * 3 / 4, rtol=1e-12)

@@ -137,11 +137,6 @@ class Parts:
     return self.loss.adversarial_weight > 0
 
   @property
-  def lazy_r1(self) -> bool:
-    """R1 on every r1_interval-th GAN step only (a third branch of the step's switch)."""
-    return self.loss.r1_gamma > 0 and self.loss.r1_interval > 1
-
-  @property
   def adversarial_metric_keys(self) -> tuple[str, ...]:
     """Metrics of the GAN phase, zero before it (the switch's branches return the same keys)."""
     lw = self.loss
@@ -295,6 +290,11 @@ def update(parts: Parts, state, batch, rng, lpips_params, adversarial: bool,
   return new_state, metrics
 
 
+def lazy_r1(loss) -> bool:
+  """R1 on every r1_interval-th GAN step only (a third branch of the step's switch)."""
+  return loss.adversarial_weight > 0 and loss.r1_gamma > 0 and loss.r1_interval > 1
+
+
 def is_r1_step(loss, step):
   """Whether the GAN step `step` (>= adversarial_start_step) pays lazy R1."""
   return (step - loss.adversarial_start_step) % loss.r1_interval == 0
@@ -310,7 +310,7 @@ def train_step(parts: Parts, state, batch, rng, lpips_params):
               functools.partial(update, parts, adversarial=True)]
   gan = state.step >= parts.loss.adversarial_start_step
   index = gan.astype(jnp.int32)
-  if parts.lazy_r1:
+  if lazy_r1(parts.loss):
     branches.append(functools.partial(update, parts, adversarial=True, with_r1=False))
     index = jnp.where(gan & ~is_r1_step(parts.loss, state.step), 2, index)
   return jax.lax.switch(index, branches, state, batch, rng, lpips_params)
@@ -385,7 +385,7 @@ def build(config, mesh) -> base.Steps:
       eval_step=functools.partial(eval_step, parts),
       summarize_eval=functools.partial(summarize_eval, parts), frozen=frozen,
       compute_dtype=config.model.dtype,
-      intermittent_metrics=("r1",) if parts.lazy_r1 else ())
+      intermittent_metrics=("r1",) if lazy_r1(parts.loss) else ())
 
 
 def abstract_params(config) -> dict:
@@ -461,7 +461,7 @@ def flops_phases(config) -> tuple[tuple[int, Any], ...]:
 def flops_mix(config) -> tuple[tuple[float, Any], ...]:
   """With lazy R1, one GAN step in r1_interval pays R1: the mean of the two programs."""
   lw = config.loss
-  if not (lw.adversarial_weight > 0 and lw.r1_gamma > 0 and lw.r1_interval > 1):
+  if not lazy_r1(lw):
     return base.single_program(config)
   every, without = config.copy_and_resolve_references(), config.copy_and_resolve_references()
   with every.unlocked(), without.unlocked():
