@@ -7,7 +7,7 @@ setuptools.setup(
     description="Pod-scale ViT-VQGAN + VIM/Parti image generators in JAX/Flax.",
     packages=setuptools.find_packages(include=["vimjax", "vimjax.*"]),
     # The CPU attention kernel's source, compiled on first use (models/cpu_attention.py).
-    package_data={"vimjax.models": ["cpu_attention.cc"]},
+    package_data={"vimjax.models": ["cpu_kernels.h", "cpu_attention.cc", "cpu_layer_norm.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7,<0.13",

@@ -15,6 +15,7 @@ from vimjax import parallel
 from vimjax import tasks
 from vimjax.configs import vitvqgan
 from vimjax.models import cpu_attention
+from vimjax.models import cpu_kernels
 from vimjax.models import layers
 
 pytestmark = pytest.mark.skipif(not cpu_attention.available(),
@@ -122,7 +123,7 @@ def test_model_flops_count_xla_attention():
   config = vitvqgan.get_config("tiny")
   task = tasks.get(config)
   counted = flops.model_flops_per_step(task, config)
-  with cpu_attention.xla_reference():
+  with cpu_kernels.xla_reference():
     assert flops.model_flops_per_step(task, config) == counted
   steps = task.build(config, None)
   state = parallel.unbox(jax.eval_shape(steps.init, jax.random.key(0)))

@@ -23,7 +23,7 @@ import numpy as np
 
 from vimjax import hardware
 from vimjax import parallel
-from vimjax.models import cpu_attention
+from vimjax.models import cpu_kernels
 
 def compiled_flops(compiled) -> float:
   """FLOPs of one call of a compiled (per-device) or lowered (global) program; 0 if unknown."""
@@ -70,8 +70,8 @@ def model_flops_per_step(task, config, batch: Any = None, executed: bool = False
   if batch is None:
     batch = task.batch_spec(config, config.global_batch_size)
   batch = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in batch.items()}
-  # XLA's attention: the cost analysis counts nothing inside the CPU kernel's custom call.
-  with cpu_attention.xla_reference():
+  # XLA's ops: the cost analysis counts nothing inside the CPU kernels' custom calls.
+  with cpu_kernels.xla_reference():
     lowered = jax.jit(steps.train_step).lower(state, batch, rng, steps.frozen)
   return compiled_flops(lowered)
 

@@ -8,140 +8,34 @@ dims the forward + backward of a layer takes 21 ms here against 43 for XLA's
 batched matmuls, transposes and softmax (BUILD_NOTES.md, "Speed (issue 13)",
 seventh round; `benchmarks/micro_attention.py attention_backward_designs`).
 
-The kernel is compiled on first use, for this machine (`-march=native`), with the
-C++ compiler in $CXX (default g++), against jaxlib's FFI headers, into
-$VIMJAX_KERNEL_CACHE (default ~/.cache/vimjax/kernels) under a name that hashes
-the source, the flags, the compiler, jaxlib and the CPU, so hosts sharing a home
-directory do not share binaries. Without a compiler, or if the build fails, the
-model runs on XLA as before, with one warning. `VIMJAX_CPU_ATTENTION=0` turns the
-kernel off (A/B runs); `xla_reference()` does the same while model FLOPs are
-counted, since XLA's cost analysis cannot see inside a custom call.
+The kernel is built, cached and registered as `cpu_kernels.Library` describes
+(on first use, for this machine). `VIMJAX_CPU_ATTENTION=0` turns it off (A/B
+runs); so does `cpu_kernels.xla_reference()` while model FLOPs are counted.
 
 Under a mesh the kernel runs per shard (`jax.shard_map`) over the batch and
 heads axes the logical axis rules give the activations, as splash does on TPU;
 a sharded length or head_dim falls back to XLA.
 """
-import contextlib
-import ctypes
 import functools
-import hashlib
-import os
 import pathlib
-import shutil
-import subprocess
-import tempfile
-import threading
 
-from absl import logging
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 
+from vimjax.models import cpu_kernels
 from vimjax.models import splash
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
 HEAD_DIMS = (16, 32, 64)
 QUERY_BLOCK, KEY_BLOCK = 8, 32  # Lengths must be multiples of these.
-ENABLE_ENV, CACHE_ENV = "VIMJAX_CPU_ATTENTION", "VIMJAX_KERNEL_CACHE"
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-_TARGETS = {"vimjax_attention_forward": "VimjaxAttentionForward",
-            "vimjax_attention_backward": "VimjaxAttentionBackward"}
-
-_lock = threading.Lock()
-_registered: bool | None = None  # None: not tried yet.
-_reference = threading.local()
-
-
-def enabled() -> bool:
-  """$VIMJAX_CPU_ATTENTION: "1" (default) or "0"."""
-  value = os.environ.get(ENABLE_ENV, "1")
-  if value not in ("0", "1"):
-    raise ValueError(f"${ENABLE_ENV}={value!r}; valid: 1 (use the CPU attention kernel "
-                     "where it fits, the default) or 0 (always XLA).")
-  return value == "1"
-
-
-def in_xla_reference() -> bool:
-  """Inside `xla_reference()`: models trace XLA's attention instead of the kernel."""
-  return getattr(_reference, "on", False)
-
-
-@contextlib.contextmanager
-def xla_reference():
-  """Within: models trace XLA's attention (model FLOPs counts; `in_xla_reference`)."""
-  previous = getattr(_reference, "on", False)
-  _reference.on = True
-  try:
-    yield
-  finally:
-    _reference.on = previous
-
-
-def _cpu_identity() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
-  except OSError:
-    return ""
-
-
-def _compiler() -> str:
-  return os.environ.get("CXX", "g++")
-
-
-def library_path() -> pathlib.Path:
-  """Where this source, built for this machine, is (or would be) cached."""
-  key = hashlib.sha256("\0".join([
-      SOURCE.read_text(), _compiler(), " ".join(_FLAGS), jaxlib.__version__, _cpu_identity(),
-  ]).encode()).hexdigest()[:16]
-  cache = pathlib.Path(os.environ.get(CACHE_ENV) or
-                       pathlib.Path.home() / ".cache" / "vimjax" / "kernels")
-  return cache / f"cpu_attention-{key}.so"
-
-
-def build() -> pathlib.Path:
-  """Compiles the kernel into the cache (if not there yet); returns the library's path.
-
-  Raises:
-    RuntimeError: no compiler, or the compiler failed (its output included).
-  """
-  path = library_path()
-  if path.exists():
-    return path
-  compiler = _compiler()
-  if shutil.which(compiler) is None:
-    raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set $CXX)")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # Built under a temporary name and renamed: concurrent builds (test workers) are safe.
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-  os.close(fd)
-  command = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-  result = subprocess.run(command, capture_output=True, text=True, check=False)
-  if result.returncode != 0:
-    os.unlink(tmp)
-    raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-  os.replace(tmp, path)
-  return path
-
-
-def available() -> bool:
-  """Whether the kernel is enabled and registered with XLA (built on first call)."""
-  global _registered
-  if not enabled():
-    return False
-  with _lock:
-    if _registered is None:
-      try:
-        library = ctypes.cdll.LoadLibrary(str(build()))
-        for target, symbol in _TARGETS.items():
-          jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
-                                      platform="cpu")
-        _registered = True
-      except (RuntimeError, OSError) as e:
-        logging.warning("CPU attention kernel unavailable, attention runs on XLA: %s", e)
-        _registered = False
-    return _registered
+ENABLE_ENV = "VIMJAX_CPU_ATTENTION"
+LIBRARY = cpu_kernels.Library("cpu_attention", SOURCE,
+                              {"vimjax_attention_forward": "VimjaxAttentionForward",
+                               "vimjax_attention_backward": "VimjaxAttentionBackward"},
+                              ENABLE_ENV)
+available = LIBRARY.available  # Whether enabled and registered (built on first call).
+library_path = LIBRARY.path
 
 
 def fits(query, key, mask, causal: bool) -> bool:
@@ -199,10 +93,7 @@ def cpu_attention(query, key, value, scale: float = 1.0):
   Returns:
     [b, q, heads, head_dim] float32.
   """
-  if not available():  # Also registers the kernel with XLA on the first call.
-    raise RuntimeError(f"cpu_attention: the kernel is not available (${ENABLE_ENV}="
-                       f"{os.environ.get(ENABLE_ENV, '1')!r}, or its build failed: see the "
-                       "warning above); check cpu_attention.fits first.")
+  LIBRARY.require("cpu_attention")  # Also registers the kernel on the first call.
   attention = functools.partial(_attention, scale=float(scale))
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:

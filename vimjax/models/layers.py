@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from vimjax.models import cpu_attention
+from vimjax.models import cpu_kernels
+from vimjax.models import cpu_layer_norm
 from vimjax.models import splash
 
 Dtype = Any
@@ -120,7 +122,10 @@ def conv_shaped_causal_mask(height: int, width: int, kernel_h: int,
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm computed in float32 (params float32), output cast to `dtype`."""
+  """LayerNorm computed in float32 (params float32), output cast to `dtype`.
+
+  On the CPU, by the C++ kernel where it fits (models/cpu_layer_norm.py).
+  """
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -132,6 +137,11 @@ class LayerNorm(nn.Module):
     scale = self.param("scale", _part(_ones, ("embed",)), (dim,), self.param_dtype)
     bias = self.param("bias", _part(_zeros, ("embed",)), (dim,), self.param_dtype)
     x = x.astype(jnp.float32)
+    if (target_platform() == "cpu" and not cpu_kernels.in_xla_reference()
+        and cpu_layer_norm.fits(x)):  # One pass each way instead of XLA:CPU's several.
+      y = cpu_layer_norm.layer_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32),
+                                    self.epsilon)
+      return y.astype(self.dtype)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
@@ -559,7 +569,7 @@ class Attention(nn.Module):
         and splash.fits(query.shape[1], key.shape[1], mask))):
       out = splash.splash_attention(query * scale, key, value, mask, causal,
                                     interpret=target_platform() == "cpu")
-    elif not use_dropout and not cpu_attention.in_xla_reference() and (
+    elif not use_dropout and not cpu_kernels.in_xla_reference() and (
         self.implementation == "cpu_kernel" or (auto and target_platform() == "cpu"
         and cpu_attention.fits(query, key, mask, causal))):
       if self.implementation == "cpu_kernel" and not cpu_attention.fits(

@@ -30,10 +30,20 @@ def fits(q_len: int, kv_len: int, mask) -> bool:
   return static and q_len % LANES == 0 and kv_len % LANES == 0
 
 
-def _size(mesh, axes) -> int:
+def shard_count(mesh, axes) -> int:
   """The number of shards of a PartitionSpec entry (None, a name or names)."""
   names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   return math.prod(mesh.shape[name] for name in names)
+
+
+def activation_spec(mesh, names: tuple[str, ...], shape: tuple[int, ...]) -> P:
+  """P of activations of `shape` with these logical axis names under `mesh` and the
+  logical axis rules in scope (the per-shard specs of the CPU kernels' shard_map).
+  Axes that do not divide their dimension are dropped: it is replicated instead."""
+  if mesh.empty:
+    return P(*(None,) * len(names))
+  axes = nn.logical_to_mesh_axes(names)
+  return P(*(a if n % shard_count(mesh, a) == 0 else None for a, n in zip(axes, shape)))
 
 
 def batch_heads_spec(mesh, batch: int, heads: int):
@@ -48,8 +58,8 @@ def batch_heads_spec(mesh, batch: int, heads: int):
     return None
   # Axes that do not divide their dimension (e.g. the batch of 1 that initialises
   # the model under the mesh) are dropped: that dimension is replicated instead.
-  batch_axes = batch_axes if batch % _size(mesh, batch_axes) == 0 else None
-  heads_axes = heads_axes if heads % _size(mesh, heads_axes) == 0 else None
+  batch_axes = batch_axes if batch % shard_count(mesh, batch_axes) == 0 else None
+  heads_axes = heads_axes if heads % shard_count(mesh, heads_axes) == 0 else None
   return P(batch_axes, heads_axes, None, None)
 
 
@@ -96,7 +106,7 @@ def splash_attention(query, key, value, mask=None, causal: bool = False, *,
                      f"{nn.logical_to_mesh_axes(_ACTIVATIONS)[2:]}; it shards over batch "
                      "and heads only.")
   batch_axes, heads_axes, _, _ = spec
-  head_shards = _size(mesh, heads_axes)
+  head_shards = shard_count(mesh, heads_axes)
   bq, bkv = _block(q_len), _block(kv_len)
   kernel = splash.make_splash_mha(
       _mask(heads, q_len, kv_len, mask, causal), head_shards=head_shards, q_seq_shards=1,
