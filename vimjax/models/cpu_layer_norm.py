@@ -62,10 +62,6 @@ def _per_shard(fn, in_specs, out_specs):
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-def _names(axes) -> tuple[str, ...]:
-  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 def _call(target, outputs, *args, **attributes):
   return jax.ffi.ffi_call(target, outputs, vmap_method="sequential")(*args, **attributes)
 
@@ -105,7 +101,7 @@ def _layer_norm_bwd(_, residuals, g):
   x, scale, mean, rstd = residuals
   spec = _spec(x)
   # Each shard's partials over its own rows, stacked along the row axes.
-  partials = P(_names(spec[0]) + _names(spec[1]) or None, None)
+  partials = P(splash.axis_names(spec[0]) + splash.axis_names(spec[1]) or None, None)
   dx, d_scale, d_bias = _per_shard(
       _norm_backward, (spec, P(None), P(*spec[:2]), P(*spec[:2]), spec),
       (spec, partials, partials))(x, scale, mean, rstd, g)
@@ -126,7 +122,8 @@ def layer_norm(x, scale, bias, epsilon: float):
     [b, l, features] float32.
   """
   LIBRARY.require("cpu_layer_norm")  # Also registers the kernel on the first call.
-  if _spec(x)[-1] is not None:
+  feature_axes = _spec(x)[-1]
+  if feature_axes is not None:
     raise ValueError(f"cpu_layer_norm: the feature axis of {x.shape} is sharded over mesh "
-                     f"axes {_spec(x)[-1]}; the kernel needs whole rows (check `fits` first).")
+                     f"axes {feature_axes}; the kernel needs whole rows (check `fits` first).")
   return _layer_norm(x, scale, bias, float(epsilon))

@@ -30,10 +30,14 @@ def fits(q_len: int, kv_len: int, mask) -> bool:
   return static and q_len % LANES == 0 and kv_len % LANES == 0
 
 
+def axis_names(axes) -> tuple[str, ...]:
+  """The mesh axis names of a PartitionSpec entry (None, a name or names)."""
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def shard_count(mesh, axes) -> int:
   """The number of shards of a PartitionSpec entry (None, a name or names)."""
-  names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  return math.prod(mesh.shape[name] for name in names)
+  return math.prod(mesh.shape[name] for name in axis_names(axes))
 
 
 def activation_spec(mesh, names: tuple[str, ...], shape: tuple[int, ...]) -> P:
