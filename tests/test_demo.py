@@ -9,6 +9,8 @@ from vimjax import evaluate  # pylint: disable=unused-import
 from vimjax import fid  # pylint: disable=unused-import
 from vimjax import encoding  # pylint: disable=unused-import
 from vimjax import summary  # pylint: disable=unused-import
+from vimjax.configs import parti as parti_configs
+from vimjax.configs import vim as vim_configs
 from vimjax.data import shapes
 from vimjax.data import vocab  # pylint: disable=unused-import
 import pytest
@@ -63,9 +65,8 @@ def test_shuffled_class_accuracy_uses_a_derangement():
   assert demo.shuffled_class_accuracy(images, labels) < 0.5
 
 
-@pytest.mark.parametrize("seed, expected", [(3, 3), (None, 0)])
-def test_seed_reaches_every_stage(monkeypatch, tmp_path, seed, expected):
-  """--seed seeds the tokenizer, Parti, the reranker and the sampler; unset, the configs' 0."""
+def _stub_stages(monkeypatch):
+  """Replaces every stage of demo.run by a recorder: (trained seeds, sampler calls)."""
   trained, sampled = [], []
   metrics = dict(psnr=0.0, ssim=0.0, codebook_usage=0.0, perplexity=0.0, bits_per_token=0.0,
                  image_to_text=0.0, text_to_image=0.0, chance=0.0)
@@ -77,11 +78,39 @@ def test_seed_reaches_every_stage(monkeypatch, tmp_path, seed, expected):
   monkeypatch.setattr(demo.vocab, "run", lambda *args, **kwargs: {"model": "spm.model"})
 
   def sample(config, workdir, **kwargs):
-    sampled.append(kwargs["seed"])
-    return {"images": np.zeros((kwargs["num_samples"] * len(kwargs["prompts"]), 32, 32, 3)),
-            "candidate_prompt_adherence": 0.0, "oracle_prompt_adherence": 0.0}
+    sampled.append(kwargs)
+    conditions = kwargs.get("prompts") or kwargs.get("class_ids")
+    return {"images": np.zeros((kwargs["num_samples"] * len(conditions), 32, 32, 3)),
+            "candidate_prompt_adherence": 0.0, "oracle_prompt_adherence": 0.0,
+            "class_accuracy": 0.0}
 
   monkeypatch.setattr(demo.generate, "sample_from_workdir", sample)
   monkeypatch.setattr(demo.generate, "write_outputs", lambda result, out: None)
+  return trained, sampled
+
+
+@pytest.mark.parametrize("seed, expected", [(3, 3), (None, 0)])
+def test_seed_reaches_every_stage(monkeypatch, tmp_path, seed, expected):
+  """--seed seeds the tokenizer, Parti, the reranker and the sampler; unset, the configs' 0."""
+  trained, sampled = _stub_stages(monkeypatch)
   demo.run(str(tmp_path), seed=seed)
-  assert trained == [expected] * 3 and sampled == [expected]  # Tokenizer, Parti, reranker.
+  assert trained == [expected] * 3  # Tokenizer, Parti, reranker.
+  assert [call["seed"] for call in sampled] == [expected]
+
+
+@pytest.mark.parametrize("stage2, kwargs, conditions, per_condition", [
+    ("parti", {}, 16, 2),
+    ("vim", {}, 18, 4),  # Every class of the tiny VIM, 4 samples each.
+    ("vim", dict(num_prompts=5, samples_per_prompt=3), 5, 3),
+])
+def test_sample_counts(monkeypatch, tmp_path, stage2, kwargs, conditions, per_condition):
+  """Defaults: 16 Parti prompts x 2; every VIM class x 4 (32 samples left VIM's class
+  accuracy at the mercy of float rounding); explicit counts win."""
+  _, sampled = _stub_stages(monkeypatch)
+  config = (vim_configs if stage2 == "vim" else parti_configs).get_config("tiny")
+  demo.run(str(tmp_path), config, **kwargs)
+  (call,) = sampled
+  ids = call.get("prompts") or call.get("class_ids")
+  assert len(ids) == conditions and call["num_samples"] == per_condition
+  if stage2 == "vim":
+    assert list(ids) == [i % 18 for i in range(conditions)]

@@ -507,3 +507,18 @@ def test_bf16_compute_runs_every_matmul_in_bf16():
   kv = [v for path, v in jax.tree_util.tree_leaves_with_path(cache)
         if "cached_" in jax.tree_util.keystr(path)]
   assert len(kv) == 2 * 2 * 2 and all(v.dtype == jnp.float32 for v in kv)
+
+
+def test_add_to_every_example_is_x_plus_table_with_the_batch_sum_as_its_gradient():
+  """The table's gradient is a [1, b] x [b, n] matmul; against float64 NumPy."""
+  rs = np.random.RandomState(0)
+  x, table, g = rs.randn(5, 7, 16), rs.randn(7, 16), rs.randn(5, 7, 16)
+  out, vjp = jax.vjp(layers.add_to_every_example, *(jnp.asarray(a, jnp.float32)
+                                                    for a in (x, table)))
+  dx, d_table = vjp(jnp.asarray(g, jnp.float32))
+  np.testing.assert_allclose(out, x + table, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(dx, np.float32(g))
+  np.testing.assert_allclose(d_table, g.sum(0), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"table \(16, 7\) is not the shape of one example "
+                                       r"of x \(5, 7, 16\)"):
+    layers.add_to_every_example(jnp.asarray(x), jnp.asarray(table.T))

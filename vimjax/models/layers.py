@@ -1,7 +1,7 @@
 """Transformer building blocks shared by the tokenizer and the stage-2 models.
 
-Owns: LayerNorm (float32), Dense / `dense_matmul` and `materialize_gradient`
-(XLA:CPU-friendly backward passes), MlpBlock, Attention (with an autoregressive
+Owns: LayerNorm (float32), Dense / `dense_matmul`, `materialize_gradient` and
+`add_to_every_example` (XLA:CPU-friendly backward passes), MlpBlock, Attention (with an autoregressive
 key/value cache), TransformerBlock (pre-LN; sows its output for probes),
 TransformerStack (optionally scanned and rematerialised), `block_outputs`
 (the sown block outputs of a stack) and the causal / conv-shaped attention masks.
@@ -221,6 +221,36 @@ def _materialize_gradient_bwd(_, g):
 
 
 materialize_gradient.defvjp(_materialize_gradient_fwd, _materialize_gradient_bwd)
+
+
+@jax.custom_vjp
+def add_to_every_example(x, table):
+  """x [b, ...] + table [...] (position embeddings), the table's gradient a matmul.
+
+  The same values and gradients as `x + table`. The table's gradient sums the
+  output gradient over the batch: a reduce over a short major axis of a long
+  array, which XLA:CPU runs ~40x slower than the same sum written as a
+  [1, b] x [b, n] matmul ([16, 256, 256]: 9.3 against 0.2 ms; BUILD_NOTES.md,
+  "Speed (issue 13)", ninth round).
+  """
+  if x.shape[1:] != table.shape:
+    raise ValueError(f"add_to_every_example: table {table.shape} is not the shape of one "
+                     f"example of x {x.shape}.")
+  return x + table
+
+
+def _add_to_every_example_fwd(x, table):
+  return add_to_every_example(x, table), None
+
+
+def _add_to_every_example_bwd(_, g):
+  batch = g.shape[0]
+  table_grad = jnp.dot(jnp.ones((batch,), g.dtype), g.reshape(batch, -1),
+                       preferred_element_type=jnp.float32)
+  return g, table_grad.reshape(g.shape[1:]).astype(g.dtype)
+
+
+add_to_every_example.defvjp(_add_to_every_example_fwd, _add_to_every_example_bwd)
 
 
 class Dense(nn.Module):

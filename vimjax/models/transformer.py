@@ -131,7 +131,7 @@ def _decoder_inputs(token_embedding, start, tokens, pos_table, is_step, position
     prev = token_embedding(tokens[:, :-1])
     x = jnp.concatenate([start[:, None, :].astype(prev.dtype), prev], axis=1)
     pos = pos_table[:l]
-  return (x + pos[None].astype(x.dtype)).astype(dtype)
+  return layers.add_to_every_example(x, pos.astype(x.dtype)).astype(dtype)
 
 
 class VIM(nn.Module):

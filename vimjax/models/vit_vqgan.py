@@ -120,7 +120,8 @@ class Encoder(nn.Module):
     x = PatchEmbedding(self.dim, p, self.dtype, self.param_dtype, name="patch_embed")(x)
     b, gh, gw, _ = x.shape
     x = x.reshape(b, gh * gw, self.dim)
-    x = x + _position_embedding(self, gh * gw, self.dim).astype(self.dtype)
+    x = layers.add_to_every_example(
+        x, _position_embedding(self, gh * gw, self.dim).astype(self.dtype))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     x = layers.TransformerStack(
         self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, causal=False,
@@ -159,7 +160,8 @@ class Decoder(nn.Module):
                        f"with patch_size={self.patch_size} needs {grid * grid}.")
     x = _dense(self.dim, (None, "embed"), self.dtype, self.param_dtype, "input_proj")(
         z_q.astype(self.dtype))
-    x = x + _position_embedding(self, grid * grid, self.dim).astype(self.dtype)
+    x = layers.add_to_every_example(
+        x, _position_embedding(self, grid * grid, self.dim).astype(self.dtype))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     x = layers.TransformerStack(
         self.num_layers, self.num_heads, self.mlp_dim, self.dropout_rate, causal=False,
