@@ -114,3 +114,11 @@ def test_sample_counts(monkeypatch, tmp_path, stage2, kwargs, conditions, per_co
   assert len(ids) == conditions and call["num_samples"] == per_condition
   if stage2 == "vim":
     assert list(ids) == [i % 18 for i in range(conditions)]
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_prompts=-1), dict(samples_per_prompt=-2)])
+def test_negative_sample_counts_are_refused_before_training(monkeypatch, tmp_path, kwargs):
+  trained, _ = _stub_stages(monkeypatch)
+  with pytest.raises(ValueError, match="valid: >= 0"):
+    demo.run(str(tmp_path), **kwargs)
+  assert not trained

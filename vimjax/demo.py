@@ -155,6 +155,9 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
   config = parti_configs.get_config("tiny") if config is None else config
   task = tasks.get_sampling(config, "--config (configs/parti.py:tiny or configs/vim.py:tiny)")
   kind = task.conditioning(config)
+  if num_prompts < 0 or samples_per_prompt < 0:
+    raise ValueError(f"demo: num_prompts={num_prompts}, samples_per_prompt="
+                     f"{samples_per_prompt}; valid: >= 0 (0 = the task's default).")
   if kind == "prompt":
     num_prompts, samples_per_prompt = num_prompts or 16, samples_per_prompt or 2
   else:
