@@ -161,7 +161,7 @@ def run(workdir: str, config=None, *, tokenizer_steps: int = 0, parti_steps: int
   if kind == "prompt":
     num_prompts, samples_per_prompt = num_prompts or 16, samples_per_prompt or 2
   else:
-    num_prompts = num_prompts or config.model.num_classes or 16
+    num_prompts = num_prompts or config.model.num_classes
     samples_per_prompt = samples_per_prompt or 4
   tok_dir, tokens_dir = os.path.join(workdir, "tokenizer"), os.path.join(workdir, "tokens")
   stage2_dir, spm = os.path.join(workdir, config.task), os.path.join(workdir, "spm")

@@ -1,10 +1,11 @@
 """Transformer building blocks shared by the tokenizer and the stage-2 models.
 
 Owns: LayerNorm (float32), Dense / `dense_matmul`, `materialize_gradient` and
-`add_to_every_example` (XLA:CPU-friendly backward passes), MlpBlock, Attention (with an autoregressive
-key/value cache), TransformerBlock (pre-LN; sows its output for probes),
-TransformerStack (optionally scanned and rematerialised), `block_outputs`
-(the sown block outputs of a stack) and the causal / conv-shaped attention masks.
+`add_to_every_example` (XLA:CPU-friendly backward passes), MlpBlock, Attention
+(with an autoregressive key/value cache), TransformerBlock (pre-LN; sows its
+output for probes), TransformerStack (optionally scanned and rematerialised),
+`block_outputs` (the sown block outputs of a stack) and the causal /
+conv-shaped attention masks.
 
 Conventions:
   * Every parameter carries logical axis names from `parallel.LOGICAL_AXES`.
@@ -229,9 +230,9 @@ def add_to_every_example(x, table):
 
   The same values and gradients as `x + table`. The table's gradient sums the
   output gradient over the batch: a reduce over a short major axis of a long
-  array, which XLA:CPU runs ~40x slower than the same sum written as a
-  [1, b] x [b, n] matmul ([16, 256, 256]: 9.3 against 0.2 ms; BUILD_NOTES.md,
-  "Speed (issue 13)", ninth round).
+  array, which XLA:CPU runs ~25x slower than the same sum written as a
+  [1, b] x [b, n] matmul ([16, 256, 256]: 4.5-5.0 against 0.15-0.2 ms,
+  `benchmarks/micro_layers.py batch_sum`; BUILD_NOTES.md, "Speed (issue 13)").
   """
   if x.shape[1:] != table.shape:
     raise ValueError(f"add_to_every_example: table {table.shape} is not the shape of one "
