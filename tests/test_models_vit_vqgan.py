@@ -239,3 +239,23 @@ def test_paper_size_param_counts(size):
   assert (encoder_side, decoder_side) == expected
   for n in (encoder_side, decoder_side):
     assert abs(n / target - 1) <= tol, (size, n)
+
+
+def test_kernel_gradients_read_both_operands_in_place():
+  """Every Dense of the tokenizer goes through layers.Dense: on XLA:CPU, nn.Dense's
+  kernel gradient x^T g of the heads became a dot with both operands transposed
+  (g copied to [features, tokens] first), 24 ms each at the issue-13 dims against
+  ~1 ms hidden behind other work (BUILD_NOTES.md, "Eleventh round")."""
+  model = _model()
+  variables = _init(model)
+
+  def loss(params, images):
+    decoded, aux = model.apply({**variables, "params": params}, images, train=False)
+    return jnp.mean(decoded["image"] ** 2) + jnp.mean(aux["latents"] ** 2)
+
+  hlo = jax.jit(jax.grad(loss)).lower(variables["params"], _images(1)).compile().as_text()
+  dots = [line for line in hlo.splitlines() if " dot(" in line]
+  assert dots
+  both_transposed = [d for d in dots if "lhs_contracting_dims={0}" in d
+                     and "rhs_contracting_dims={1}" in d and "lhs_batch_dims" not in d]
+  assert not both_transposed, both_transposed[0][:300]

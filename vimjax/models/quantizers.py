@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vimjax.models import layers
+
 Dtype = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -36,11 +38,9 @@ def _histogram(codes, size):
 
 
 def _dense(features, names, dtype, param_dtype, name):
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(
-                      nn.initializers.xavier_uniform(), names),
-                  bias_init=nn.with_logical_partitioning(
-                      nn.initializers.zeros_init(), names[1:]))
+  # layers.Dense: nn.Dense's params, init and values, with the kernel gradient in
+  # the form XLA:CPU runs fast (`layers.dense_matmul`).
+  return layers.Dense(features, names, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def _check_features(module, z):

@@ -30,9 +30,9 @@ def _part(init, names):
 
 
 def _dense(features, names, dtype, param_dtype, name):
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                  kernel_init=_part(nn.initializers.xavier_uniform(), names),
-                  bias_init=_part(nn.initializers.zeros_init(), names[1:]))
+  # layers.Dense: nn.Dense's params, init and values, with the kernel gradient in
+  # the form XLA:CPU runs fast (`layers.dense_matmul`).
+  return layers.Dense(features, names, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def _position_embedding(module, num_tokens, dim):
