@@ -241,17 +241,20 @@ def test_paper_size_param_counts(size):
     assert abs(n / target - 1) <= tol, (size, n)
 
 
-def test_kernel_gradients_read_both_operands_in_place():
-  """Every Dense of the tokenizer goes through layers.Dense: on XLA:CPU, nn.Dense's
-  kernel gradient x^T g of the heads became a dot with both operands transposed
-  (g copied to [features, tokens] first), 24 ms each at the issue-13 dims against
-  ~1 ms hidden behind other work (BUILD_NOTES.md, "Eleventh round")."""
+def test_gradients_copy_no_operand_into_a_transposed_layout():
+  """On XLA:CPU: every Dense of the tokenizer goes through layers.Dense (nn.Dense's
+  kernel gradient x^T g of the heads became a dot with both operands transposed,
+  g copied to [features, tokens] first: 24 ms each at the issue-13 dims), and the
+  codebook's gradient reads dS in place (over [b, n, k] it was first copied into
+  [k, b, n]: 10 ms). BUILD_NOTES.md, "Speed (issue 13)", eleventh round."""
   model = _model()
   variables = _init(model)
 
   def loss(params, images):
     decoded, aux = model.apply({**variables, "params": params}, images, train=False)
-    return jnp.mean(decoded["image"] ** 2) + jnp.mean(aux["latents"] ** 2)
+    # The similarity's gradient as the entropy penalty gives it (through a softmax).
+    return (jnp.mean(decoded["image"] ** 2) + jnp.mean(aux["latents"] ** 2)
+            + jnp.mean(jax.nn.log_softmax(aux["similarity"])))
 
   hlo = jax.jit(jax.grad(loss)).lower(variables["params"], _images(1)).compile().as_text()
   dots = [line for line in hlo.splitlines() if " dot(" in line]
@@ -259,3 +262,5 @@ def test_kernel_gradients_read_both_operands_in_place():
   both_transposed = [d for d in dots if "lhs_contracting_dims={0}" in d
                      and "rhs_contracting_dims={1}" in d and "lhs_batch_dims" not in d]
   assert not both_transposed, both_transposed[0][:300]
+  codes_first = f"f32[{TINY['codebook_size']},{B},{N}]"  # dS with the codebook axis major.
+  assert codes_first not in hlo, [l for l in hlo.splitlines() if codes_first in l][0][:300]

@@ -90,7 +90,12 @@ class FactorizedQuantizer(nn.Module):
     _check_features(self, z)
     latents = l2_normalize(self.down(z.astype(jnp.float32)))
     codebook = self.normalized_codebook()
-    similarity = jnp.einsum("bnd,kd->bnk", latents, codebook, precision=_HIGHEST)
+    # Over [b * n, d] tokens: with two contracting dims ("bnk,bnd->kd") the
+    # codebook's gradient on XLA:CPU first copied dS into [k, b, n] (10 ms at
+    # issue 13's tokenizer dims); a single token axis reads it in place.
+    tokens = latents.reshape(-1, latents.shape[-1])
+    similarity = jnp.einsum("td,kd->tk", tokens, codebook, precision=_HIGHEST).reshape(
+        *latents.shape[:-1], codebook.shape[0])
     codes = jnp.argmax(similarity, axis=-1).astype(jnp.int32)
     quantized = jnp.take(codebook, codes, axis=0)
     straight_through = latents + jax.lax.stop_gradient(quantized - latents)
