@@ -60,3 +60,23 @@ ENTRY %main (a: f32[4,4]) -> f32[4,4] {
   folded = op_profile.by_primitive([op_profile.OpTime("x", 1.0, 1, "fusion:Loop", "", "a/mul"),
                                     op_profile.OpTime("y", 2.0, 1, "fusion:Loop", "", "b/mul")])
   assert [(r.name, r.seconds, r.count) for r in folded] == [("mul", 3.0, 2)]
+
+
+def test_idle_gaps_go_to_the_last_async_op_else_the_last_to_finish():
+  """Gaps of the busy union (overlapping events merged), per call: filed under the
+  last async op (an Eigen dot, whose matmul runs after its event ends) started
+  before the gap, else under the op whose end the gap follows."""
+  ms = 1_000_000
+  events = [(0, 2 * ms, "fusion.1"),
+            (3 * ms, 9 * ms, "fusion.2"),  # 1 ms after fusion.1.
+            (6 * ms, 7 * ms, "copy.3"),    # Inside fusion.2: no gap, and not the last to end.
+            (10 * ms, 11 * ms, "fusion.2"),  # 1 ms after fusion.2.
+            (15 * ms, 16 * ms, "add.4")]   # 4 ms after fusion.2.
+  rows = op_profile.idle_gaps(events, calls=2)
+  assert [(r.name, round(r.seconds * 1e3, 6), r.count) for r in rows] == [
+      ("fusion.2", 2.5, 1), ("fusion.1", 0.5, 1)]
+  # copy.3 an async dot: every gap after it started is its own.
+  rows = op_profile.idle_gaps(events, calls=2, async_ops=frozenset({"copy.3"}))
+  assert [(r.name, round(r.seconds * 1e3, 6)) for r in rows] == [
+      ("copy.3", 2.5), ("fusion.1", 0.5)]
+  assert op_profile.idle_gaps([]) == []

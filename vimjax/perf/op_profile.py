@@ -133,20 +133,57 @@ def _latest_xplane(profile_dir: str) -> str:
   return max(found, key=os.path.getmtime)
 
 
-def op_times(xplane_path: str, calls: int = 1) -> list[OpTime]:
-  """HLO instruction -> summed event time / calls, longest first."""
+def op_events(xplane_path: str) -> list[tuple[int, int, str]]:
+  """(start ns, end ns, HLO instruction) of every executed op in the trace, by start."""
   data = jax.profiler.ProfileData.from_file(xplane_path)
-  total = collections.defaultdict(float)
-  count = collections.Counter()
+  events = []
   for plane in data.planes:
     for line in plane.lines:
       for event in line.events:
-        stats = dict(event.stats)
-        op = stats.get("hlo_op")
-        if not op:
-          continue
-        total[op] += event.duration_ns * 1e-9
-        count[op] += 1
+        op = dict(event.stats).get("hlo_op")
+        if op:
+          events.append((event.start_ns, event.start_ns + event.duration_ns, op))
+  return sorted(events)
+
+
+def op_times(xplane_path: str, calls: int = 1) -> list[OpTime]:
+  """HLO instruction -> summed event time / calls, longest first."""
+  total = collections.defaultdict(float)
+  count = collections.Counter()
+  for start, end, op in op_events(xplane_path):
+    total[op] += (end - start) * 1e-9
+    count[op] += 1
+  rows = [OpTime(name, seconds / calls, max(count[name] // calls, 1))
+          for name, seconds in total.items()]
+  return sorted(rows, key=lambda r: -r.seconds)
+
+
+def idle_gaps(events: list[tuple[int, int, str]], calls: int = 1,
+              async_ops: frozenset[str] = frozenset()) -> list[OpTime]:
+  """Time in which no op runs, filed under the async op (else the op) before it.
+
+  On XLA:CPU a dot that Eigen runs is an async thunk: its trace event ends when
+  the work is handed to the thread pool, and the matmul itself runs in the gap
+  before the next op that needs it (or the threads) can start. A gap is filed
+  under the last op of `async_ops` that started before it, if any, else under
+  the op that last finished: the async dot's real cost, which the per-op table
+  cannot show. Rows: (op, seconds per call, gaps per call), longest first;
+  their sum is the step's idle time.
+  """
+  total = collections.defaultdict(float)
+  count = collections.Counter()
+  if not events:
+    return []
+  busy_until, last_finished, last_async = events[0][1], events[0][2], None
+  for start, end, op in events:
+    if start > busy_until:
+      owner = last_async or last_finished
+      total[owner] += (start - busy_until) * 1e-9
+      count[owner] += 1
+    if op in async_ops:
+      last_async = op
+    if end > busy_until:
+      busy_until, last_finished = end, op
   rows = [OpTime(name, seconds / calls, max(count[name] // calls, 1))
           for name, seconds in total.items()]
   return sorted(rows, key=lambda r: -r.seconds)
@@ -218,7 +255,8 @@ def trace(fn, profile_dir: str, *, hlo_texts: list[str], calls: int = 1,
     calls: how many calls of the program `fn` makes (times are per call).
     top: rows in the printed tables.
   Returns:
-    {"xplane": path, "table": text of both tables, "top_ops": [[jax op, ms/call], ...]};
+    {"xplane": path, "table": text of the three tables (per instruction, per
+    primitive, idle gaps), "top_ops": [[jax op, ms/call], ...]};
     the tables also go to profile_dir/op_breakdown.txt, the HLO texts to
     profile_dir/program_<i>.hlo.txt.
   """
@@ -230,9 +268,13 @@ def trace(fn, profile_dir: str, *, hlo_texts: list[str], calls: int = 1,
     with open(os.path.join(profile_dir, f"program_{i}.hlo.txt"), "w") as f:
       f.write(text)
   rows = annotate(op_times(path, calls), hlo_texts)
+  eigen_dots = frozenset(r.name for r in rows if r.opcode == "dot")  # Async thunks.
+  gaps = annotate(idle_gaps(op_events(path), calls, eigen_dots), hlo_texts)
   table = "\n\n".join([
       format_table(rows, top, "Per HLO instruction:"),
-      format_table(by_primitive(rows), top, "Per JAX primitive:")])
+      format_table(by_primitive(rows), top, "Per JAX primitive:"),
+      format_table(gaps, top, "No op running, after (the last Eigen dot, whose async "
+                   "matmul computes there; else the last op; n = gaps per call):")])
   with open(os.path.join(profile_dir, "op_breakdown.txt"), "w") as f:
     f.write(table + "\n")
   return {"xplane": path, "table": table,
