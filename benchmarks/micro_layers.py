@@ -1,9 +1,9 @@
 r"""JAX_PLATFORMS=cpu python benchmarks/micro_layers.py [layer_norm] [batch_sum] [gelu_backward]
-    [first_argmax] [codebook_gradient]
+    [first_argmax] [codebook_gradient] [kernel_gradient]
 
 (With TCMalloc, as the binaries run: `LD_PRELOAD=libtcmalloc_minimal.so.4 ...`.)
 
-The micro-benchmarks behind BUILD_NOTES.md, "Speed (issue 13)", ninth and tenth
+The micro-benchmarks behind BUILD_NOTES.md, "Speed (issue 13)", ninth to eleventh
 rounds, at the tokenizer's shapes (float32), in milliseconds:
 - `layer_norm`: forward + backward of `layers.LayerNorm`, `layers_chained`
   dependent norms, on XLA (the module's jnp formula, traced under
@@ -18,7 +18,14 @@ rounds, at the tokenizer's shapes (float32), in milliseconds:
   the first index at the max (the same codes; tenth round, not landed);
 - `codebook_gradient`: the codebook similarity and entropy penalty, forward +
   backward, with autodiff's codebook gradient against (latents^T dS)^T (tenth
-  round, not landed).
+  round, not landed) and over one [b * n] token axis (eleventh round, landed in
+  `quantizers.py`: stand-alone all three are within a millisecond, but in the
+  step XLA copied dS into [k, b, n] for the first form, 10 ms in the profile);
+- `kernel_gradient`: a Dense layer's kernel gradient over 4096 tokens as Eigen's
+  x^T g (what XLA emits) against x^T copied out first (an optimization barrier
+  keeps the copy) so that YNNPACK runs a plain matmul, for the attention's three
+  [256, 256] projections sharing x, the MLP's wi and its wo (eleventh round:
+  faster here for the first two, no faster in the step; not landed).
 Arguments name the benchmarks to run (default: all).
 """
 import sys
@@ -145,8 +152,12 @@ def codebook_gradient(tokens=(16, 256), codebook_size=1024, lookup_dim=32):
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   latents = unit(jax.random.normal(jax.random.key(0), (*tokens, lookup_dim)))
   codebook = unit(jax.random.normal(jax.random.key(1), (codebook_size, lookup_dim)))
+  def one_token_axis(l, c):
+    return jnp.einsum("td,kd->tk", l.reshape(-1, l.shape[-1]), c).reshape(*l.shape[:-1], -1)
+
   forms = {"autodiff": lambda l, c: jnp.einsum("bnd,kd->bnk", l, c),
-           "(latents^T dS)^T": _similarity_transposed_gradient}
+           "(latents^T dS)^T": _similarity_transposed_gradient,
+           "one token axis": one_token_axis}
   row = []
   for name, similarity in forms.items():
     grads = jax.jit(jax.grad(lambda l, c, similarity=similarity: losses.entropy_penalty(
@@ -156,7 +167,30 @@ def codebook_gradient(tokens=(16, 256), codebook_size=1024, lookup_dim=32):
         flush=True)
 
 
+def kernel_gradient(tokens=4096, dim=256, hidden=1024):
+  keys = iter(jax.random.split(jax.random.key(0), 5))
+  x = jax.random.normal(next(keys), (tokens, dim))
+  h = jax.random.normal(next(keys), (tokens, hidden))
+  gs = [jax.random.normal(next(keys), (tokens, dim)) for _ in range(3)]
+  eigen = lambda x, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))  # x^T g
+  copied = lambda x: jax.lax.optimization_barrier(x.T)
+  cases = {
+      f"3 x [{dim}, {dim}] (q, k, v)": (
+          lambda x, *gs: [eigen(x, g) for g in gs],
+          lambda x, *gs: (lambda xt: [xt @ g for g in gs])(copied(x)), (x, *gs)),
+      f"[{dim}, {hidden}] (wi)": (eigen, lambda x, g: copied(x) @ g, (x, h)),
+      f"[{hidden}, {dim}] (wo)": (eigen, lambda x, g: copied(x) @ g, (h, gs[0])),
+  }
+  for name, (plain, with_copy, args) in cases.items():
+    got, want = jax.jit(with_copy)(*args), jax.jit(plain)(*args)
+    assert all(jnp.allclose(a, b, rtol=1e-4, atol=1e-2) for a, b in
+               zip(jax.tree.leaves(got), jax.tree.leaves(want))), name
+    row = [f"{label} {milliseconds_per_call(jax.jit(f), *args, repeats=30):5.2f}"
+           for label, f in (("x^T g", plain), ("copy of x^T, then a matmul", with_copy))]
+    print(f"kernel gradient {name} over {tokens} tokens, ms: " + "  ".join(row), flush=True)
+
+
 if __name__ == "__main__":
   for name in sys.argv[1:] or ("layer_norm", "batch_sum", "gelu_backward", "first_argmax",
-                                "codebook_gradient"):
+                                "codebook_gradient", "kernel_gradient"):
     globals()[name]()
