@@ -148,14 +148,22 @@ def op_events(xplane_path: str) -> list[tuple[int, int, str]]:
 
 def op_times(xplane_path: str, calls: int = 1) -> list[OpTime]:
   """HLO instruction -> summed event time / calls, longest first."""
-  total = collections.defaultdict(float)
-  count = collections.Counter()
-  for start, end, op in op_events(xplane_path):
-    total[op] += (end - start) * 1e-9
-    count[op] += 1
+  return _summed(op_events(xplane_path), calls)
+
+
+def _per_call(total: dict[str, float], count: collections.Counter, calls: int) -> list[OpTime]:
   rows = [OpTime(name, seconds / calls, max(count[name] // calls, 1))
           for name, seconds in total.items()]
   return sorted(rows, key=lambda r: -r.seconds)
+
+
+def _summed(events: list[tuple[int, int, str]], calls: int) -> list[OpTime]:
+  total = collections.defaultdict(float)
+  count = collections.Counter()
+  for start, end, op in events:
+    total[op] += (end - start) * 1e-9
+    count[op] += 1
+  return _per_call(total, count, calls)
 
 
 def idle_gaps(events: list[tuple[int, int, str]], calls: int = 1,
@@ -184,9 +192,7 @@ def idle_gaps(events: list[tuple[int, int, str]], calls: int = 1,
       last_async = op
     if end > busy_until:
       busy_until, last_finished = end, op
-  rows = [OpTime(name, seconds / calls, max(count[name] // calls, 1))
-          for name, seconds in total.items()]
-  return sorted(rows, key=lambda r: -r.seconds)
+  return _per_call(total, count, calls)
 
 
 def annotate(rows: list[OpTime], hlo_texts: list[str]) -> list[OpTime]:
@@ -267,9 +273,10 @@ def trace(fn, profile_dir: str, *, hlo_texts: list[str], calls: int = 1,
   for i, text in enumerate(hlo_texts):  # To read a row's instruction in full.
     with open(os.path.join(profile_dir, f"program_{i}.hlo.txt"), "w") as f:
       f.write(text)
-  rows = annotate(op_times(path, calls), hlo_texts)
+  events = op_events(path)
+  rows = annotate(_summed(events, calls), hlo_texts)
   eigen_dots = frozenset(r.name for r in rows if r.opcode == "dot")  # Async thunks.
-  gaps = annotate(idle_gaps(op_events(path), calls, eigen_dots), hlo_texts)
+  gaps = annotate(idle_gaps(events, calls, eigen_dots), hlo_texts)
   table = "\n\n".join([
       format_table(rows, top, "Per HLO instruction:"),
       format_table(by_primitive(rows), top, "Per JAX primitive:"),
