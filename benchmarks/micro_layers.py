@@ -19,8 +19,8 @@ rounds, at the tokenizer's shapes (float32), in milliseconds:
 - `codebook_gradient`: the codebook similarity and entropy penalty, forward +
   backward, with autodiff's codebook gradient against (latents^T dS)^T (tenth
   round, not landed) and over one [b * n] token axis (eleventh round, landed in
-  `quantizers.py`: stand-alone all three are within a millisecond, but in the
-  step XLA copied dS into [k, b, n] for the first form, 10 ms in the profile);
+  `quantizers.py`: stand-alone it is 1-3 ms faster than autodiff's; in the step
+  XLA copied dS into [k, b, n] for the first form, 10 ms in the profile);
 - `kernel_gradient`: a Dense layer's kernel gradient over 4096 tokens as Eigen's
   x^T g (what XLA emits) against x^T copied out first (an optimization barrier
   keeps the copy) so that YNNPACK runs a plain matmul, for the attention's three
@@ -152,6 +152,7 @@ def codebook_gradient(tokens=(16, 256), codebook_size=1024, lookup_dim=32):
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   latents = unit(jax.random.normal(jax.random.key(0), (*tokens, lookup_dim)))
   codebook = unit(jax.random.normal(jax.random.key(1), (codebook_size, lookup_dim)))
+
   def one_token_axis(l, c):
     return jnp.einsum("td,kd->tk", l.reshape(-1, l.shape[-1]), c).reshape(*l.shape[:-1], -1)
 
@@ -173,11 +174,15 @@ def kernel_gradient(tokens=4096, dim=256, hidden=1024):
   h = jax.random.normal(next(keys), (tokens, hidden))
   gs = [jax.random.normal(next(keys), (tokens, dim)) for _ in range(3)]
   eigen = lambda x, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))  # x^T g
-  copied = lambda x: jax.lax.optimization_barrier(x.T)
+  copied = lambda x: jax.lax.optimization_barrier(x.T)  # XLA keeps the transposing copy.
+
+  def three_with_one_copy(x, *gs):
+    xt = copied(x)
+    return [xt @ g for g in gs]
+
   cases = {
       f"3 x [{dim}, {dim}] (q, k, v)": (
-          lambda x, *gs: [eigen(x, g) for g in gs],
-          lambda x, *gs: (lambda xt: [xt @ g for g in gs])(copied(x)), (x, *gs)),
+          lambda x, *gs: [eigen(x, g) for g in gs], three_with_one_copy, (x, *gs)),
       f"[{dim}, {hidden}] (wi)": (eigen, lambda x, g: copied(x) @ g, (x, h)),
       f"[{hidden}, {dim}] (wo)": (eigen, lambda x, g: copied(x) @ g, (h, gs[0])),
   }

@@ -178,10 +178,10 @@ def idle_gaps(events: list[tuple[int, int, str]], calls: int = 1,
   cannot show. Rows: (op, seconds per call, gaps per call), longest first;
   their sum is the step's idle time.
   """
-  total = collections.defaultdict(float)
-  count = collections.Counter()
   if not events:
     return []
+  total = collections.defaultdict(float)
+  count = collections.Counter()
   busy_until, last_finished, last_async = events[0][1], events[0][2], None
   for start, end, op in events:
     if start > busy_until:
